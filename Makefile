@@ -1,0 +1,30 @@
+# Two entry points (see README): `make run` and `make test`. Both create .venv on first use and reuse it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+
+# Stage commands (`tollgate <stage>` in dvc.yaml) must resolve to this venv.
+export PATH := $(BIN):$(PATH)
+# Offline by default: no telemetry from Prefect, DVC or Great Expectations.
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export GX_ANALYTICS_ENABLED := false
+
+.PHONY: run test lint bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/dvc repro
+	$(BIN)/tollgate summary
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/repro_timing.py

@@ -1,0 +1,70 @@
+"""`tollgate`: the DVC stages, the server, the summary and the Prefect flow behind one command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+STAGES = ("prepare", "validate", "train", "evaluate", "register", "promote")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tollgate", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        sub.add_parser(stage, help=f"run the {stage} stage (what dvc.yaml calls)")
+    s = sub.add_parser("serve", help="HTTP inference server on models:/<name>@champion")
+    s.add_argument("--host", help="bind address (default: serve.host in params.yaml)")
+    s.add_argument("--port", type=int, help="port (default: serve.port in params.yaml)")
+    sub.add_parser("summary", help="one screen on the last pipeline run")
+    sm = sub.add_parser("samples", help="write test-split images as PNG files to send to the server")
+    sm.add_argument("--out", default="samples")
+    sm.add_argument("-n", type=int, default=5)
+    f = sub.add_parser("flow", help="run the Prefect training-pipeline flow (same stages, through DVC)")
+    f.add_argument("--force", action="store_true", help="re-run every stage even if its inputs are unchanged")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    root = Path.cwd()
+    from pipeline.config import ConfigError, load_params
+    from pipeline.stages import StageFailed
+
+    try:
+        params = load_params(root / "params.yaml")
+        if args.command in STAGES:
+            from pipeline import stages
+
+            getattr(stages, args.command)(params, root)
+        elif args.command == "serve":
+            from pipeline.serve import serve
+
+            serve(params, root, args.host, args.port)
+        elif args.command == "summary":
+            from pipeline.summary import render
+
+            print(render(params, root))
+        elif args.command == "samples":
+            from pipeline.summary import write_samples
+
+            for path in write_samples(root, Path(args.out), args.n):
+                print(path)
+        elif args.command == "flow":
+            from flows.pipeline import training_pipeline
+
+            state = training_pipeline(force=args.force, return_state=True)
+            print(state.message)
+            return 0 if state.is_completed() else 1
+    except ConfigError as err:
+        print(f"tollgate: {err}", file=sys.stderr)
+        return 2
+    except StageFailed as err:
+        print(f"tollgate {args.command}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Typed view of params.yaml: the only place values live.
+
+Every section is a frozen model that forbids unknown keys, so a typo ("epoch:") fails before any
+work starts, with the dotted key in the message, instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Section(BaseModel):
+    # strict: "10" is not an int and 1 is not a bool; ints are still accepted where floats are expected.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DataConfig(_Section):
+    source: Literal["digits"] = "digits"
+    root: str = "data/raw"
+    download: bool = False
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+
+class ValidateConfig(_Section):
+    min_per_class: int = Field(2, ge=1)
+    pixel_min: int = Field(0, ge=0, le=255)
+    pixel_max: int = Field(255, ge=0, le=255)
+
+
+class TrainConfig(_Section):
+    arch: Literal["small_cnn"] = "small_cnn"
+    width: int = Field(32, ge=1)
+    epochs: int = Field(15, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int = Field(0, ge=0)
+
+
+Metric = Literal["accuracy", "macro_f1"]
+
+
+class EvaluateConfig(_Section):
+    min_accuracy: float = Field(0.9, ge=0.0, le=1.0)
+    min_macro_f1: float = Field(0.9, ge=0.0, le=1.0)
+    max_drop: float = Field(0.01, ge=0.0, le=1.0)
+    compare_metrics: list[Metric] = Field(default_factory=lambda: ["accuracy", "macro_f1"], min_length=1)
+
+
+class RegistryConfig(_Section):
+    model_name: str = Field("tollgate-classifier", min_length=1)
+    experiment: str = Field("tollgate", min_length=1)
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=1, le=65535)
+    smoke_images: int = Field(16, ge=1)
+    timeout_s: float = Field(30.0, gt=0.0)
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlartifacts"
+
+
+class Params(_Section):
+    seed: int = 42
+    data: DataConfig = DataConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """Short, stable hash of the named sections: the params fingerprint tagged on models."""
+        dumped = self.model_dump(mode="json", by_alias=True)
+        blob = json.dumps({s: dumped[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """params.yaml is malformed; the message names each offending key."""
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"{source} is invalid:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (typo? allowed keys are in pipeline/config.py)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(raw: object, source: str = "params.yaml") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: run tollgate from the project root") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return parse_params(raw, str(path))

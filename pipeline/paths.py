@@ -1,0 +1,15 @@
+"""Where each stage reads and writes, relative to the project root. dvc.yaml declares the same paths;
+tests/code/test_consistency.py keeps the two in step."""
+
+PARAMS = "params.yaml"
+PREPARED_DIR = "data/prepared"
+VALIDATION_REPORT = "reports/validation.json"
+MODEL_DIR = "models"
+TRAIN_REPORT = "reports/train.json"
+TRAIN_HISTORY = "plots/train_history.csv"
+EVAL_METRICS = "metrics/eval.json"
+CONFUSION = "plots/confusion.csv"
+GATE_REPORT = "reports/gate.json"
+REGISTRATION = "reports/registration.json"
+PROMOTION = "reports/promotion.json"
+SERVER_STATE = ".tollgate/server.json"

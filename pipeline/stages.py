@@ -1,0 +1,248 @@
+"""The six DVC stages as thin adapters: read inputs, call the pure step, persist outputs, log to MLflow.
+
+Each runs in its own process (`tollgate <stage>`), so heavy libraries are imported inside the function
+that needs them: `tollgate prepare` never pays for torch or mlflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+from pipeline import paths
+from pipeline.config import Params
+from pipeline.io import read_json, write_json, write_text
+
+
+class StageFailed(RuntimeError):
+    """A stage refuses to continue (bad data, failed promotion); the message names the cause."""
+
+
+def _log(msg: str) -> None:
+    print(f"[tollgate] {msg}", flush=True)
+
+
+def prepare(params: Params, root: Path) -> dict:
+    from pipeline.data import prepare as prepare_data
+
+    manifest = prepare_data(params.data, params.seed, root / paths.PREPARED_DIR)
+    sizes = {s: sum(c.values()) for s, c in manifest["counts"].items()}
+    _log(
+        f"prepared {params.data.source}: {sizes}, shape {manifest['image_shape']}, "
+        f"data version {manifest['data_version'][:12]}"
+    )
+    return manifest
+
+
+def validate(params: Params, root: Path) -> dict:
+    from pipeline.validate import run_suite
+
+    report = run_suite(root / paths.PREPARED_DIR, params.validate_)
+    write_json(root / paths.VALIDATION_REPORT, report)
+    n = len(report["checks"])
+    if not report["passed"]:
+        lines = "\n".join(f"  - {f}" for f in report["failures"])
+        raise StageFailed(
+            f"data validation failed ({len(report['failures'])} of {n} expectations); "
+            "nothing downstream runs:\n"
+            f"{lines}\nfull report: {paths.VALIDATION_REPORT}"
+        )
+    _log(f"data validation passed: {n} expectations")
+    return report
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def train(params: Params, root: Path) -> dict:
+    import mlflow
+    import torch
+
+    from pipeline import model as model_io
+    from pipeline import tracking
+    from pipeline.data import load_split, read_manifest
+    from pipeline.io import atomic_dir
+    from pipeline.train import train as fit
+
+    prepared = root / paths.PREPARED_DIR
+    manifest = read_manifest(prepared)
+    meta = model_io.make_meta(params.train.arch, params.train.width, manifest)
+    meta["params_hash"] = params.section_hash("seed", "data", "train")
+    tracking.connect(params, root)
+    commit, dirty = tracking.git_state(root)
+
+    with mlflow.start_run(run_name=f"train-{manifest['data_version'][:8]}") as run:
+        mlflow.log_params(
+            {
+                "seed": params.seed,
+                "data.source": manifest["source"],
+                **{f"train.{k}": v for k, v in params.train.model_dump().items()},
+            }
+        )
+        mlflow.set_tags(
+            {
+                "tollgate.data_version": manifest["data_version"],
+                "tollgate.params_hash": meta["params_hash"],
+                "tollgate.git_commit": commit,
+                "tollgate.git_dirty": str(dirty).lower(),
+            }
+        )
+
+        def on_epoch(row: dict) -> None:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            _log(
+                f"epoch {row['epoch']}/{params.train.epochs} loss {row['train_loss']:.4f} "
+                f"acc {row['train_accuracy']:.4f} val_loss {row['val_loss']:.4f} "
+                f"val_acc {row['val_accuracy']:.4f} {row['images_per_s']:.0f} img/s"
+            )
+
+        start = time.perf_counter()
+        result = fit(
+            params.train,
+            params.seed,
+            load_split(prepared, "train"),
+            load_split(prepared, "val"),
+            meta,
+            on_epoch,
+        )
+        wall = time.perf_counter() - start
+        with atomic_dir(root / paths.MODEL_DIR) as tmp:
+            model_io.save(result.model.cpu(), meta, tmp)
+        write_text(root / paths.TRAIN_HISTORY, _csv(result.history))
+        mlflow.log_artifact(str(root / paths.TRAIN_HISTORY))
+        mlflow.set_tags({"tollgate.device": result.device, "tollgate.torch": torch.__version__})
+        last = result.history[-1] if result.history else {}
+        report = {
+            "run_id": run.info.run_id,
+            "device": result.device,
+            "epochs": len(result.history),
+            "wall_s": round(wall, 3),
+            "val_accuracy": last.get("val_accuracy"),
+            "val_loss": last.get("val_loss"),
+        }
+    write_json(root / paths.TRAIN_REPORT, report)
+    _log(f"trained on {result.device} in {wall:.1f}s; MLflow run {report['run_id']}")
+    return report
+
+
+def _score(model, test) -> dict:
+    from pipeline.evaluate import classification_metrics
+    from pipeline.model import predict_proba
+
+    pred = predict_proba(model, test.x).argmax(1).numpy()
+    return {"pred": pred, **classification_metrics(test.y, pred, test.classes)}
+
+
+def _rescore_champion(params: Params, test) -> dict | None:
+    """Load the current @champion from the registry and score it now on this test split."""
+    import tempfile
+
+    from pipeline import model as model_io
+    from pipeline import tracking
+
+    ref = tracking.alias_version(params.registry.model_name, tracking.CHAMPION)
+    if ref is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        model, meta = model_io.load(tracking.download_model_dir(ref.name, ref.version, Path(tmp)))
+    champion = {"version": ref.version, "classes": meta["classes"], "metrics": None}
+    if meta["classes"] == test.classes and list(meta["input_shape"]) == list(test.x.shape[1:]):
+        scored = _score(model, test)
+        scored.pop("pred")
+        champion["metrics"] = scored
+    return champion
+
+
+def evaluate(params: Params, root: Path) -> dict:
+    import mlflow
+
+    from pipeline import model as model_io
+    from pipeline import tracking
+    from pipeline.data import load_split
+    from pipeline.evaluate import confusion_matrix, gate
+
+    run_id = read_json(root / paths.TRAIN_REPORT)["run_id"]
+    model, meta = model_io.load(root / paths.MODEL_DIR)
+    test = load_split(root / paths.PREPARED_DIR, "test")
+    scored = _score(model, test)
+    pred = scored.pop("pred")
+    tracking.connect(params, root)
+    champion = _rescore_champion(params, test)
+    verdict = gate(scored, test.classes, params.evaluate, champion)
+    verdict.update(
+        run_id=run_id,
+        champion_version=champion["version"] if champion else None,
+        data_version=meta["data_version"],
+    )
+
+    write_json(root / paths.EVAL_METRICS, scored)
+    write_text(
+        root / paths.CONFUSION,
+        _csv(
+            [
+                {"actual": test.classes[a], "predicted": test.classes[p]}
+                for a, p in zip(test.y, pred, strict=True)
+            ]
+        ),
+    )
+    write_json(root / paths.GATE_REPORT, verdict)
+
+    cm = confusion_matrix(test.y, pred, len(test.classes))
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(
+            {
+                "test_accuracy": scored["accuracy"],
+                "test_macro_f1": scored["macro_f1"],
+                **{f"test_recall_{c}": r for c, r in scored["per_class_recall"].items()},
+            }
+        )
+        mlflow.log_dict({"classes": test.classes, "matrix": cm.tolist()}, "evaluation/confusion_matrix.json")
+        mlflow.log_artifact(str(root / paths.GATE_REPORT), "evaluation")
+        mlflow.set_tag("tollgate.gate", "passed" if verdict["passed"] else "failed")
+    _log(
+        f"test accuracy {scored['accuracy']:.4f}, macro-F1 {scored['macro_f1']:.4f}; gate "
+        + ("PASSED" if verdict["passed"] else "FAILED: " + "; ".join(verdict["reasons"]))
+    )
+    return verdict
+
+
+def register(params: Params, root: Path) -> dict:
+    from pipeline import registry
+
+    verdict = read_json(root / paths.GATE_REPORT)
+    result = registry.register(params, root, verdict)
+    write_json(root / paths.REGISTRATION, result)
+    if result["registered"]:
+        _log(
+            f"registered {result['name']} v{result['version']} @challenger"
+            + (" (already registered for this run)" if result["existing"] else "")
+        )
+    else:
+        _log("not registered: " + "; ".join(result["reasons"]))
+    return result
+
+
+def promote(params: Params, root: Path) -> dict:
+    from pipeline import promote as promotion
+
+    registration = read_json(root / paths.REGISTRATION)
+    if not registration["registered"]:
+        result = {"promoted": False, "reason": "candidate rejected: " + "; ".join(registration["reasons"])}
+    else:
+        try:
+            result = promotion.promote_registered(params, root, registration)
+        except promotion.PromotionError as err:
+            write_json(root / paths.PROMOTION, {"promoted": False, "reason": str(err)})
+            raise StageFailed(str(err)) from None
+    write_json(root / paths.PROMOTION, result)
+    _log(json.dumps(result) if not result["promoted"] else result["summary"])
+    return result

@@ -1,0 +1,113 @@
+"""The one-screen account of the last run, read from the stage outputs (no MLflow or torch import)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline import paths
+from pipeline.config import Params
+
+
+def _read(root: Path, rel: str) -> dict | None:
+    try:
+        return json.loads((root / rel).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def gate_table(checks: list[dict]) -> list[str]:
+    rows = [("check", "value", "threshold", "result")]
+    rows += [
+        (c["check"], _fmt(c["value"]), _fmt(c["threshold"]), "pass" if c["pass"] else "FAIL") for c in checks
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def render(params: Params, root: Path) -> str:
+    manifest = _read(root, f"{paths.PREPARED_DIR}/manifest.json")
+    validation = _read(root, paths.VALIDATION_REPORT)
+    out = ["", "tollgate: pipeline summary", "=" * 26]
+    if manifest is None:
+        return "\n".join([*out, "nothing prepared yet: run `dvc repro`"])
+    sizes = " / ".join(f"{s} {sum(c.values())}" for s, c in manifest["counts"].items())
+    out.append(
+        f"data        {manifest['source']}, version {manifest['data_version'][:12]} ({sizes}), "
+        f"{len(manifest['classes'])} classes, images {'x'.join(map(str, manifest['image_shape']))}"
+    )
+    if validation is None or validation.get("data_version") != manifest["data_version"]:
+        return "\n".join([*out, "validation  not run on this data"])
+    n = len(validation["checks"])
+    if not validation["passed"]:
+        out.append(
+            f"validation  FAILED ({len(validation['failures'])} of {n} expectations); training skipped:"
+        )
+        out += [f"  - {f}" for f in validation["failures"]]
+        return "\n".join(out)
+    out.append(f"validation  passed ({n} expectations)")
+
+    train = _read(root, paths.TRAIN_REPORT)
+    metrics = _read(root, paths.EVAL_METRICS)
+    verdict = _read(root, paths.GATE_REPORT)
+    registration = _read(root, paths.REGISTRATION)
+    promotion = _read(root, paths.PROMOTION)
+    if train:
+        out.append(
+            f"training    {train['epochs']} epochs on {train['device']} in {train['wall_s']:.1f}s, "
+            f"MLflow run {train['run_id']}"
+        )
+    if metrics:
+        out.append(
+            f"metrics     test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+            f"({metrics['n_test']} test images)"
+        )
+    if verdict:
+        out.append(
+            "gate        " + ("PASSED" if verdict["passed"] else "FAILED: " + "; ".join(verdict["reasons"]))
+        )
+        out += gate_table(verdict["checks"])
+    if registration:
+        out.append(
+            f"registry    {registration['name']} v{registration['version']} @challenger"
+            if registration["registered"]
+            else "registry    not registered (gate failed); reasons on the MLflow run"
+        )
+    if promotion:
+        out.append("promotion   " + (promotion["summary"] if promotion["promoted"] else promotion["reason"]))
+    uri = params.mlflow.tracking_uri
+    out += [
+        "",
+        "next (after `source .venv/bin/activate`):",
+        f"  mlflow ui --backend-store-uri {uri}        # runs, metrics, registered model, aliases",
+        "  tollgate serve                                              # HTTP endpoint on @champion",
+        "  tollgate samples --out samples                              # a few test images as PNG",
+        f"  curl --data-binary @samples/0.png http://{params.serve.host}:{params.serve.port}/predict",
+    ]
+    return "\n".join(out)
+
+
+def write_samples(root: Path, out_dir: Path, n: int) -> list[Path]:
+    """Save the first `n` test images as PNG, named <index>.png, with their true class in a side file."""
+    from PIL import Image
+
+    from pipeline.data import load_split
+
+    test = load_split(root / paths.PREPARED_DIR, "test")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    labels = {}
+    for i in range(min(n, len(test.y))):
+        img = test.x[i]
+        path = out_dir / f"{i}.png"
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
+        labels[path.name] = test.classes[int(test.y[i])]
+        written.append(path)
+    (out_dir / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+    return written

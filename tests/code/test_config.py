@@ -1,0 +1,60 @@
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from pipeline.config import ConfigError, Params, load_params, parse_params
+from tests.conftest import ROOT
+
+
+def test_params_yaml_loads_and_sets_every_field():
+    params = load_params(ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # Defaults in code must never silently stand in for a value: params.yaml spells out every knob.
+    assert set(raw) == {f.alias or name for name, f in Params.model_fields.items()}
+    for name, field in Params.model_fields.items():
+        section = getattr(params, name)
+        if isinstance(section, BaseModel):
+            assert set(raw[field.alias or name]) == set(type(section).model_fields), name
+
+
+@pytest.mark.parametrize(
+    ("patch", "key", "why"),
+    [
+        ({"train": {"epoch": 3}}, "train.epoch", "unknown key"),
+        ({"trian": {}}, "trian", "unknown key"),
+        ({"train": {"epochs": "ten"}}, "train.epochs", "valid integer"),
+        ({"train": {"epochs": 2.5}}, "train.epochs", "valid integer"),
+        ({"data": {"download": "yes"}}, "data.download", "valid boolean"),
+        ({"data": {"source": "imagenet"}}, "data.source", "digits"),
+        ({"data": {"test_fraction": 1.5}}, "data.test_fraction", "less than 1"),
+        ({"evaluate": {"compare_metrics": ["loss"]}}, "evaluate.compare_metrics.0", "accuracy"),
+    ],
+)
+def test_bad_params_fail_naming_the_key(patch, key, why):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in patch.items():
+        raw.setdefault(section, {}).update(values)
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    line = next(line for line in str(err.value).splitlines() if line.strip().startswith(key + ":"))
+    assert why in line
+
+
+def test_ints_are_accepted_where_floats_are_expected():
+    assert parse_params({"train": {"lr": 1}}).train.lr == 1.0
+
+
+def test_non_mapping_is_rejected(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_params(path)
+
+
+def test_cli_reports_a_bad_key_and_exits_2(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    (tmp_path / "params.yaml").write_text("train:\n  epoch: 3\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare"]) == 2
+    assert "train.epoch: unknown key" in capsys.readouterr().err
