@@ -7,6 +7,7 @@ per-stage timing in the UI, and a final state whose message says what happened.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def run_stage(stage: str, root: str, force: bool = False) -> bool:
     from dvc.exceptions import ReproductionError
     from dvc.repo import Repo
 
-    with Repo(root) as repo:
+    # DVC resolves outputs against the working directory, as `dvc repro` run in the project does.
+    with contextlib.chdir(root), Repo(root) as repo:
         try:
             ran = repo.reproduce(stage, single_item=True, force=force)
         except ReproductionError:
@@ -82,5 +84,6 @@ def training_pipeline(root: str = ".", force: bool = False):
         except StageError as err:
             return Failed(message=str(err))
     verdict = outcome(root_path)
-    print(f"stages run: {', '.join(ran) or 'none (all up to date)'}; {verdict}")
-    return Completed(message=verdict, data={"ran": ran, "outcome": verdict})
+    message = verdict if ran else f"up to date, no stage ran (last outcome: {verdict})"
+    print(f"stages run: {', '.join(ran) or 'none'}; {message}")
+    return Completed(message=message)

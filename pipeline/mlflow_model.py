@@ -6,20 +6,19 @@ Input: float32 pixels (N, H, W, C) in 0..255, as prepared. Output: class probabi
 """
 
 import mlflow
+import numpy as np
 from mlflow.pyfunc import PythonModel
 
-ARTIFACT_KEY = "model_dir"
+from pipeline.tracking import MODEL_ARTIFACT_KEY
 
 
 class TollgateModel(PythonModel):
     def load_context(self, context):
         from pipeline.model import load
 
-        self.model, self.meta = load(context.artifacts[ARTIFACT_KEY])
+        self.model, self.meta = load(context.artifacts[MODEL_ARTIFACT_KEY])
 
-    def predict(self, context, model_input, params=None):
-        import numpy as np
-
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         from pipeline.model import predict_proba
 
         pixels = np.asarray(model_input, dtype=np.float32)

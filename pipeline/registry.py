@@ -23,7 +23,6 @@ def _log_model(params: Params, root: Path, run_id: str) -> str:
     from mlflow.models import infer_signature
 
     from pipeline.data import load_split
-    from pipeline.mlflow_model import ARTIFACT_KEY
     from pipeline.model import load, predict_proba
 
     model, meta = load(root / paths.MODEL_DIR)
@@ -34,7 +33,7 @@ def _log_model(params: Params, root: Path, run_id: str) -> str:
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(package / "mlflow_model.py"),
-            artifacts={ARTIFACT_KEY: str(root / paths.MODEL_DIR)},
+            artifacts={tracking.MODEL_ARTIFACT_KEY: str(root / paths.MODEL_DIR)},
             code_paths=[str(package)],
             signature=signature,
             input_example=example,

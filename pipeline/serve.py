@@ -88,19 +88,23 @@ def _pixels_from_json(payload: object, shape: list[int]) -> np.ndarray:
 def _pixels_from_image(body: bytes, shape: list[int]) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     h, w, c = shape
     try:
         img = Image.open(io.BytesIO(body))
         img = img.convert("L" if c == 1 else "RGB")
         if img.size != (w, h):
             img = img.resize((w, h), Image.Resampling.BILINEAR)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise HTTPException(400, f"body must be a PNG or JPEG image: {err}") from None
+    except Image.DecompressionBombError:
+        raise HTTPException(400, f"image too large: at most {MAX_IMAGE_PIXELS} pixels") from None
+    except (UnidentifiedImageError, OSError):
+        raise HTTPException(400, "body must be a PNG or JPEG image (it could not be decoded)") from None
     return np.asarray(img, dtype=np.float32).reshape(1, h, w, c)
 
 
 def create_app(params: Params, slot: ModelSlot, token: str) -> FastAPI:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     app = FastAPI(title="tollgate", version="1")
     name = params.registry.model_name
 

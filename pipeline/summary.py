@@ -23,11 +23,12 @@ def _fmt(v: object) -> str:
 
 
 def gate_table(checks: list[dict]) -> list[str]:
-    rows = [("check", "value", "threshold", "result")]
+    rows = [("check", "value", "threshold", "result", "note")]
     rows += [
-        (c["check"], _fmt(c["value"]), _fmt(c["threshold"]), "pass" if c["pass"] else "FAIL") for c in checks
+        (c["check"], _fmt(c["value"]), _fmt(c["threshold"]), "pass" if c["pass"] else "FAIL", c["detail"])
+        for c in checks
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
@@ -37,7 +38,7 @@ def render(params: Params, root: Path) -> str:
     out = ["", "tollgate: pipeline summary", "=" * 26]
     if manifest is None:
         return "\n".join([*out, "nothing prepared yet: run `dvc repro`"])
-    sizes = " / ".join(f"{s} {sum(c.values())}" for s, c in manifest["counts"].items())
+    sizes = " / ".join(f"{s} {sum(manifest['counts'][s].values())}" for s in ("train", "val", "test"))
     out.append(
         f"data        {manifest['source']}, version {manifest['data_version'][:12]} ({sizes}), "
         f"{len(manifest['classes'])} classes, images {'x'.join(map(str, manifest['image_shape']))}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from pipeline.config import Params
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS = "previous"
+# Name of the weights + metadata folder inside a logged pyfunc model (see pipeline/mlflow_model.py).
+MODEL_ARTIFACT_KEY = "model_dir"
 
 
 def tracking_uri(params: Params, root: Path) -> str:
@@ -24,27 +27,27 @@ def tracking_uri(params: Params, root: Path) -> str:
 
 
 def connect(params: Params, root: Path) -> str:
-    """Point mlflow at the store and make sure the experiment exists; returns the experiment id."""
+    """Point mlflow at the store and make the project's experiment the active one; returns its id."""
     import mlflow
 
+    # Stage logs are read by people and CI: no progress bars for millisecond-long local downloads.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri(params, root)
     mlflow.set_tracking_uri(uri)
     name = params.registry.experiment
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
-        # Local stores: keep artifacts in the project, beside the database, not in whatever cwd happens to be.
-        location = (root / params.mlflow.artifact_root).resolve().as_uri()
-    try:
-        return mlflow.create_experiment(name, artifact_location=location)
-    except Exception:
-        # Another stage process created it between our lookup and create.
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+            # Local stores: keep artifacts in the project beside the database, not in whatever cwd is.
+            location = (root / params.mlflow.artifact_root).resolve().as_uri()
+        # Another stage process may create it between our lookup and create: either way it exists after.
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            mlflow.create_experiment(name, artifact_location=location)
         exp = mlflow.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    # Active experiment: runs and logged models of this process land here, not in "Default".
+    mlflow.set_experiment(experiment_id=exp.experiment_id)
+    return exp.experiment_id
 
 
 @dataclass(frozen=True)
@@ -71,13 +74,13 @@ def alias_version(name: str, alias: str) -> VersionRef | None:
 def download_model_dir(name: str, version: str, dst: Path) -> Path:
     """Fetch a registered version's weights + metadata (no pyfunc load, no pickle) into `dst`."""
     import mlflow
+    import yaml
 
-    from pipeline.mlflow_model import ARTIFACT_KEY
-
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{name}/{version}/artifacts/{ARTIFACT_KEY}", dst_path=str(dst)
-    )
-    return Path(local)
+    base = f"models:/{name}/{version}"
+    mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/MLmodel", dst_path=str(dst))
+    pyfunc = yaml.safe_load(Path(mlmodel).read_text())["flavors"]["python_function"]
+    rel = pyfunc["artifacts"][MODEL_ARTIFACT_KEY]["path"]
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{rel}", dst_path=str(dst)))
 
 
 def git_state(root: Path) -> tuple[str, bool]:

@@ -19,16 +19,16 @@ from pipeline.data import SPLITS, image_hashes, load_split, read_manifest
 def image_table(x: np.ndarray, y: np.ndarray):
     import pandas as pd
 
-    flat = x.reshape(len(x), -1)
     n = len(x)
+    flat = x.reshape(n, int(np.prod(x.shape[1:])))  # explicit width: an empty split has no -1 to infer
     return pd.DataFrame(
         {
             "height": np.full(n, x.shape[1]),
             "width": np.full(n, x.shape[2]),
             "channels": np.full(n, x.shape[3]),
             "dtype": [str(x.dtype)] * n,
-            "pixel_min": flat.min(axis=1) if n else np.array([], dtype=x.dtype),
-            "pixel_max": flat.max(axis=1) if n else np.array([], dtype=x.dtype),
+            "pixel_min": flat.min(axis=1, initial=255),
+            "pixel_max": flat.max(axis=1, initial=0),
             "label": y,
             "hash": image_hashes(x),
         }

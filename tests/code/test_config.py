@@ -3,7 +3,7 @@ import yaml
 from pydantic import BaseModel
 
 from pipeline.config import ConfigError, Params, load_params, parse_params
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def test_params_yaml_loads_and_sets_every_field():

@@ -8,7 +8,7 @@ import yaml
 from pipeline import paths
 from pipeline.cli import STAGES
 from pipeline.config import load_params
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 

@@ -1,0 +1,138 @@
+"""Helpers shared by the tests and the bench scripts: a fresh copy of the repo, commands run in it, and a
+real `tollgate serve` process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tool_env() -> dict[str, str]:
+    """The environment stage commands need: this venv's entry points first, no telemetry, and no inherited
+    MLflow store (each project copy uses its own SQLite file)."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "GX_ANALYTICS_ENABLED": "false",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def repo_files() -> list[str]:
+    """What a fresh clone holds: tracked files plus new ones git would add (untracked, not ignored)."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sorted({f for f in out.split("\0") if f and (ROOT / f).is_file()})
+
+
+def make_project(dst: Path) -> Path:
+    """A copy of the repo as a fresh clone would have it, committed in its own git repo."""
+    for rel in repo_files():
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    git = ["git", "-c", "user.email=test@tollgate", "-c", "user.name=test"]
+    subprocess.run([*git, "init", "-q"], cwd=dst, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dst, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "fresh clone"], cwd=dst, check=True)
+    return dst
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**tool_env(), **env})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def set_param(project: Path, dotted: str, value: object) -> None:
+    """Edit params.yaml the way a user would, keeping the rest of the file."""
+    import yaml
+
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    *parents, leaf = dotted.split(".")
+    node = params
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(
+    method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30.0
+):
+    """(status, parsed JSON body) of a real HTTP request; error statuses are returned, not raised."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+class Server:
+    """`tollgate serve` as a real process on 127.0.0.1, in a project folder."""
+
+    def __init__(self, project: Path):
+        import time
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(project / "serve.log", "w")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(
+            ["tollgate", "serve", "--port", str(self.port)],
+            cwd=project,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=tool_env(),
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {(project / 'serve.log').read_text()}")
+            try:
+                if http("GET", self.url + "/v2/health/live", timeout=1)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server did not start in 90 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def model_client(project: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
