@@ -60,6 +60,32 @@ def run_stage(stage: str, root: str, force: bool = False) -> bool:
     return bool(ran)
 
 
+def publish_artifacts(stage: str, root: Path) -> None:
+    """What a person looking at the run in the Prefect UI needs, per stage (key: what it is)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    if stage == "validate" and (report := _read(root, paths.VALIDATION_REPORT)):
+        create_table_artifact(
+            key="data-validation",
+            table=[{k: c[k] for k in ("scope", "check", "success", "message")} for c in report["checks"]],
+            description=f"data {report['data_version'][:12]}: "
+            + ("passed" if report["passed"] else "FAILED"),
+        )
+    elif stage == "evaluate" and (root / paths.GATE_MARKDOWN).exists():
+        create_markdown_artifact(
+            key="gate",
+            markdown=(root / paths.GATE_MARKDOWN).read_text(),
+            description="gate verdict for this candidate",
+        )
+    elif stage == "register" and (reg := _read(root, paths.REGISTRATION)):
+        text = (
+            f"Registered **{reg['model_uri']}** (MLflow run `{reg['run_id']}`), alias @challenger."
+            if reg["registered"]
+            else "Not registered: " + "; ".join(reg["reasons"])
+        )
+        create_markdown_artifact(key="registration", markdown=text, description="model registry hand-off")
+
+
 def outcome(root: Path) -> str:
     """One line on what the run decided, from the gate and promotion reports."""
     verdict = _read(root, paths.GATE_REPORT)
@@ -81,9 +107,25 @@ def training_pipeline(root: str = ".", force: bool = False):
         try:
             if step(stage, str(root_path), force):
                 ran.append(stage)
+                publish_artifacts(stage, root_path)
         except StageError as err:
+            publish_artifacts(stage, root_path)
             return Failed(message=str(err))
     verdict = outcome(root_path)
     message = verdict if ran else f"up to date, no stage ran (last outcome: {verdict})"
     print(f"stages run: {', '.join(ran) or 'none'}; {message}")
     return Completed(message=message)
+
+
+@flow(name="rollback")
+def rollback_flow(root: str = ".", to: str | None = None):
+    """Restore an earlier champion (default @previous), verified on the serving target like a promotion."""
+    from pipeline.config import load_params
+    from pipeline.promote import PromotionError, rollback
+
+    root_path = Path(root).resolve()
+    try:
+        result = rollback(load_params(root_path / paths.PARAMS), root_path, to)
+    except PromotionError as err:
+        return Failed(message=str(err))
+    return Completed(message=result["summary"])

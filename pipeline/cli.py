@@ -17,6 +17,13 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="HTTP inference server on models:/<name>@champion")
     s.add_argument("--host", help="bind address (default: serve.host in params.yaml)")
     s.add_argument("--port", type=int, help="port (default: serve.port in params.yaml)")
+    s.add_argument(
+        "--model-uri",
+        help="serve this one MLflow model (models:/name/version or a local MLflow "
+        "model folder) instead of following @champion",
+    )
+    rb = sub.add_parser("rollback", help="make an earlier version @champion again, verified like a promotion")
+    rb.add_argument("--to", help="version to restore (default: the one behind @previous)")
     sub.add_parser("summary", help="one screen on the last pipeline run")
     sm = sub.add_parser("samples", help="write test-split images as PNG files to send to the server")
     sm.add_argument("--out", default="samples")
@@ -30,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     root = Path.cwd()
     from pipeline.config import ConfigError, load_params
+    from pipeline.promote import PromotionError
     from pipeline.stages import StageFailed
 
     try:
@@ -41,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             from pipeline.serve import serve
 
-            serve(params, root, args.host, args.port)
+            serve(params, root, args.host, args.port, args.model_uri)
+        elif args.command == "rollback":
+            from pipeline.promote import rollback
+
+            print(rollback(params, root, args.to)["summary"])
         elif args.command == "summary":
             from pipeline.summary import render
 
@@ -60,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"tollgate: {err}", file=sys.stderr)
         return 2
-    except StageFailed as err:
+    except (StageFailed, PromotionError) as err:
         print(f"tollgate {args.command}: {err}", file=sys.stderr)
         return 1
     return 0

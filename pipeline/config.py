@@ -46,14 +46,40 @@ class TrainConfig(_Section):
     threads: int = Field(0, ge=0)
 
 
-Metric = Literal["accuracy", "macro_f1"]
-
-
 class EvaluateConfig(_Section):
+    top_k: int = Field(3, ge=1)
+    ece_bins: int = Field(15, ge=1)
+    throughput_batch: int = Field(256, ge=1)
+    timing_runs: int = Field(30, ge=1)
+    shift_pixels: int = Field(1, ge=0)
+    check_flips: bool = False
+
+
+Metric = Literal["accuracy", "macro_f1"]
+GateCheck = Literal[
+    "min_accuracy",
+    "min_macro_f1",
+    "min_class_recall",
+    "max_ece",
+    "max_p99_latency_ms",
+    "max_model_mb",
+    "min_shift_stability",
+    "max_drop",
+]
+
+
+class GateConfig(_Section):
     min_accuracy: float = Field(0.9, ge=0.0, le=1.0)
     min_macro_f1: float = Field(0.9, ge=0.0, le=1.0)
+    min_class_recall: float = Field(0.8, ge=0.0, le=1.0)
+    max_ece: float = Field(0.1, ge=0.0, le=1.0)
+    max_p99_latency_ms: float = Field(50.0, gt=0.0)
+    max_model_mb: float = Field(50.0, gt=0.0)
+    min_shift_stability: float = Field(0.5, ge=0.0, le=1.0)
     max_drop: float = Field(0.01, ge=0.0, le=1.0)
+    drop_mode: Literal["absolute", "relative"] = "absolute"
     compare_metrics: list[Metric] = Field(default_factory=lambda: ["accuracy", "macro_f1"], min_length=1)
+    warn_only: list[GateCheck] = Field(default_factory=list)
 
 
 class RegistryConfig(_Section):
@@ -79,6 +105,7 @@ class Params(_Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
     mlflow: MlflowConfig = MlflowConfig()

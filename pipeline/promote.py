@@ -7,48 +7,17 @@ move-verify-or-revert sequence, and a failed verification restores the previous 
 from __future__ import annotations
 
 import contextlib
-import json
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import paths, tracking
 from pipeline.config import Params
+from pipeline.target import Server, running_server
 
 
 class PromotionError(RuntimeError):
     """The serving target did not verifiably serve the new version; the alias was put back."""
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    token: str
-
-    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
-        req = urllib.request.Request(
-            self.url + path,
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
-        )
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-
-
-def running_server(root: Path) -> Server | None:
-    """The `tollgate serve` process of this project, if its state file exists and it answers."""
-    state_file = root / paths.SERVER_STATE
-    try:
-        state = json.loads(state_file.read_text())
-        server = Server(state["url"], state["token"])
-        server.call("GET", "/v2/health/live", timeout=2.0)
-    except (OSError, ValueError, KeyError, urllib.error.URLError):
-        return None
-    return server
 
 
 def verify(
@@ -70,23 +39,40 @@ def verify(
         )
 
 
-def move_champion(
-    params: Params, root: Path, version: str, smoke_x: np.ndarray, expected: np.ndarray
-) -> dict:
-    """Point @champion at `version`, push it to the running server and verify; restore on failure."""
+def smoke_check(params: Params, root: Path, model_uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """Test images and the classes the given MLflow model predicts for them, loaded the way the server
+    loads it: what the serving target must reproduce."""
+    import tempfile
+
+    from pipeline.data import load_split
+    from pipeline.model import load, predict_proba
+
+    smoke_x = np.asarray(load_split(root / paths.PREPARED_DIR, "test").x[: params.serve.smoke_images])
+    with tempfile.TemporaryDirectory() as tmp:
+        model, _ = load(tracking.download_model_dir(model_uri, Path(tmp)))
+    return smoke_x, predict_proba(model, smoke_x).argmax(1).numpy()
+
+
+def move_champion(params: Params, root: Path, version: str) -> dict:
+    """Point @champion at `version`, push it to the running server and verify; restore on failure.
+    Promotion and rollback both come through here."""
     from filelock import FileLock
     from mlflow import MlflowClient
 
     name = params.registry.model_name
     client = MlflowClient()
+    client.get_model_version(name, version)  # fails clearly for a version that does not exist
     lock_path = root / ".tollgate" / "promote.lock"
     lock_path.parent.mkdir(exist_ok=True)
+    # Held across alias move, reload and verification, so two promotions cannot interleave and leave the
+    # alias and the served version disagreeing.
     with FileLock(str(lock_path), timeout=params.serve.timeout_s * 4):
         previous = tracking.alias_version(name, tracking.CHAMPION)
         client.set_registered_model_alias(name, tracking.CHAMPION, version)
         server = running_server(root)
         if server is not None:
             try:
+                smoke_x, expected = smoke_check(params, root, f"models:/{name}/{version}")
                 verify(server, name, version, smoke_x, expected, params.serve.timeout_s)
             except (PromotionError, OSError, ValueError, KeyError) as err:
                 _restore(client, server, name, previous)
@@ -96,16 +82,22 @@ def move_champion(
                 ) from None
         if previous is not None and previous.version != version:
             client.set_registered_model_alias(name, tracking.PREVIOUS, previous.version)
+    moved = previous is None or previous.version != version
     return {
         "promoted": True,
         "name": name,
         "version": version,
         "previous": previous.version if previous else None,
         "served_by": server.url if server else None,
-        "summary": f"promoted {name} v{version} to @champion"
-        + (f" (was v{previous.version})" if previous and previous.version != version else "")
-        + (
-            f"; {server.url} serves it, verified" if server else "; no server running (start: tollgate serve)"
+        "summary": (
+            f"@champion → {name} v{version}"
+            + (f" (was v{previous.version})" if previous and moved else "")
+            + ("" if moved else " (already champion)")
+            + (
+                f"; {server.url} serves it, verified"
+                if server
+                else "; no server running (start one: tollgate serve)"
+            )
         ),
     }
 
@@ -120,13 +112,13 @@ def _restore(client, server: Server, name: str, previous: tracking.VersionRef | 
         server.call("POST", "/admin/reload")
 
 
-def promote_registered(params: Params, root: Path, registration: dict) -> dict:
-    from pipeline.data import load_split
-    from pipeline.model import load, predict_proba
-
+def rollback(params: Params, root: Path, to: str | None = None) -> dict:
+    """Make `to` (default: @previous) the champion again, verified like a promotion."""
     tracking.connect(params, root)
-    test = load_split(root / paths.PREPARED_DIR, "test")
-    smoke_x = np.asarray(test.x[: params.serve.smoke_images])
-    model, _ = load(root / paths.MODEL_DIR)
-    expected = predict_proba(model, smoke_x).argmax(1).numpy()
-    return move_champion(params, root, registration["version"], smoke_x, expected)
+    name = params.registry.model_name
+    if to is None:
+        ref = tracking.alias_version(name, tracking.PREVIOUS)
+        if ref is None:
+            raise PromotionError(f"{name} has no @previous version to roll back to; name one with --to")
+        to = ref.version
+    return move_champion(params, root, str(to))

@@ -38,25 +38,35 @@ class Served:
 
 
 class ModelSlot:
-    """Holds the served model; readers take one reference, reload swaps it atomically."""
+    """Holds the served model; readers take one reference, reload swaps it atomically.
 
-    def __init__(self, name: str):
+    By default it follows `<name>@champion`; with `model_uri` it serves that one model (a candidate under
+    infra validation) and reload is a no-op."""
+
+    def __init__(self, name: str, model_uri: str | None = None):
         self.name = name
+        self.model_uri = model_uri
         self.current: Served | None = None
         self._reload_lock = threading.Lock()
 
+    def _target(self) -> tuple[str, str]:
+        if self.model_uri is not None:
+            return "candidate", self.model_uri
+        ref = tracking.alias_version(self.name, tracking.CHAMPION)
+        if ref is None:
+            raise LookupError(f"{self.name} has no @champion yet: run the pipeline first (dvc repro)")
+        return ref.version, ref.uri
+
     def reload(self) -> Served:
         with self._reload_lock:
-            ref = tracking.alias_version(self.name, tracking.CHAMPION)
-            if ref is None:
-                raise LookupError(f"{self.name} has no @champion yet: run the pipeline first (dvc repro)")
-            if self.current is not None and self.current.version == ref.version:
+            version, uri = self._target()
+            if self.current is not None and self.current.version == version:
                 return self.current
             with tempfile.TemporaryDirectory() as tmp:
-                model, meta = load(tracking.download_model_dir(ref.name, ref.version, Path(tmp)))
+                model, meta = load(tracking.download_model_dir(uri, Path(tmp)))
             h, w, c = meta["input_shape"]
             predict_proba(model, torch.zeros(1, h, w, c))  # warm up before taking traffic
-            self.current = Served(ref.version, model, meta)
+            self.current = Served(version, model, meta)
             return self.current
 
     def get(self) -> Served:
@@ -187,19 +197,27 @@ def create_app(params: Params, slot: ModelSlot, token: str) -> FastAPI:
     return app
 
 
-def serve(params: Params, root: Path, host: str | None = None, port: int | None = None) -> None:
+def serve(
+    params: Params, root: Path, host: str | None = None, port: int | None = None, model_uri: str | None = None
+) -> None:
+    """Serve @champion (or one pinned model) until interrupted. Only the champion-following server
+    publishes its address and admin token for the promote stage."""
     import uvicorn
 
     host = host or params.serve.host
     port = params.serve.port if port is None else port
     tracking.connect(params, root)
-    slot = ModelSlot(params.registry.model_name)
+    slot = ModelSlot(params.registry.model_name, model_uri)
     try:
         served = slot.reload()
-        print(f"[tollgate] serving {slot.name} v{served.version} (@champion)", flush=True)
+        print(f"[tollgate] serving {slot.name} v{served.version} ({model_uri or '@champion'})", flush=True)
     except LookupError as err:
         print(f"[tollgate] {err}; serving anyway, reload after promotion", flush=True)
     token = os.environ.get("TOLLGATE_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+    app = create_app(params, slot, token)
+    if model_uri is not None:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+        return
     state = root / paths.SERVER_STATE
     state.parent.mkdir(exist_ok=True)
     # The token is a local secret: readable by the owner only, like an SSH key.
@@ -207,10 +225,18 @@ def serve(params: Params, root: Path, host: str | None = None, port: int | None 
     with os.fdopen(fd, "w") as f:
         json.dump({"url": f"http://{_url_host(host)}:{port}", "token": token, "pid": os.getpid()}, f)
     try:
-        uvicorn.run(create_app(params, slot, token), host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         state.unlink(missing_ok=True)
 
 
 def _url_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

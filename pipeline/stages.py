@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import paths
 from pipeline.config import Params
 from pipeline.io import read_json, write_json, write_text
@@ -134,32 +136,51 @@ def train(params: Params, root: Path) -> dict:
     return report
 
 
-def _score(model, test) -> dict:
-    from pipeline.evaluate import classification_metrics
-    from pipeline.model import predict_proba
-
-    pred = predict_proba(model, test.x).argmax(1).numpy()
-    return {"pred": pred, **classification_metrics(test.y, pred, test.classes)}
-
-
-def _rescore_champion(params: Params, test) -> dict | None:
+def _champion_metrics(params: Params, test) -> dict | None:
     """Load the current @champion from the registry and score it now on this test split."""
     import tempfile
 
     from pipeline import model as model_io
     from pipeline import tracking
+    from pipeline.evaluate import quality_metrics
 
     ref = tracking.alias_version(params.registry.model_name, tracking.CHAMPION)
     if ref is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        model, meta = model_io.load(tracking.download_model_dir(ref.name, ref.version, Path(tmp)))
+        model, meta = model_io.load(tracking.download_model_dir(ref.uri, Path(tmp)))
     champion = {"version": ref.version, "classes": meta["classes"], "metrics": None}
     if meta["classes"] == test.classes and list(meta["input_shape"]) == list(test.x.shape[1:]):
-        scored = _score(model, test)
-        scored.pop("pred")
-        champion["metrics"] = scored
+        probs = model_io.predict_proba(model, test.x).numpy()
+        champion["metrics"] = quality_metrics(probs, test.y, test.classes, params.evaluate)
     return champion
+
+
+def _log_confusion(cm, classes: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(classes), 1 + 0.5 * len(classes)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set(
+        xticks=range(len(classes)),
+        yticks=range(len(classes)),
+        xticklabels=classes,
+        yticklabels=classes,
+        xlabel="predicted",
+        ylabel="actual",
+        title="confusion matrix (test)",
+    )
+    for (i, j), n in np.ndenumerate(cm):
+        ax.text(
+            j, i, str(n), ha="center", va="center", fontsize=7, color="white" if n > cm.max() / 2 else "black"
+        )
+    fig.tight_layout()
+    mlflow.log_figure(fig, "evaluation/confusion_matrix.png")
+    plt.close(fig)
 
 
 def evaluate(params: Params, root: Path) -> dict:
@@ -168,23 +189,43 @@ def evaluate(params: Params, root: Path) -> dict:
     from pipeline import model as model_io
     from pipeline import tracking
     from pipeline.data import load_split
-    from pipeline.evaluate import confusion_matrix, gate
+    from pipeline.evaluate import (
+        confusion_matrix,
+        gate,
+        gate_markdown,
+        quality_metrics,
+        speed_metrics,
+        stability_metrics,
+    )
 
+    cfg = params.evaluate
     run_id = read_json(root / paths.TRAIN_REPORT)["run_id"]
     model, meta = model_io.load(root / paths.MODEL_DIR)
     test = load_split(root / paths.PREPARED_DIR, "test")
-    scored = _score(model, test)
-    pred = scored.pop("pred")
+    x = np.asarray(test.x)
+    probs = model_io.predict_proba(model, x).numpy()
+    pred = probs.argmax(1)
+
+    quality = quality_metrics(probs, test.y, test.classes, cfg)
+    quality.update(
+        stability_metrics(lambda z: model_io.predict_proba(model, z).argmax(1).numpy(), x, pred, cfg)
+    )
+    quality["n_params"] = sum(p.numel() for p in model.parameters())
+    quality["model_mb"] = (root / paths.MODEL_DIR / model_io.WEIGHTS).stat().st_size / 1e6
+    perf = speed_metrics(lambda z: model_io.predict_proba(model, z), meta["input_shape"], cfg)
+    perf["device"] = str(next(model.parameters()).device)
+
     tracking.connect(params, root)
-    champion = _rescore_champion(params, test)
-    verdict = gate(scored, test.classes, params.evaluate, champion)
+    champion = _champion_metrics(params, test)
+    verdict = gate({**quality, **perf}, test.classes, params.gate, champion)
     verdict.update(
         run_id=run_id,
         champion_version=champion["version"] if champion else None,
         data_version=meta["data_version"],
     )
 
-    write_json(root / paths.EVAL_METRICS, scored)
+    write_json(root / paths.EVAL_METRICS, quality)
+    write_json(root / paths.PERF_METRICS, perf)
     write_text(
         root / paths.CONFUSION,
         _csv(
@@ -195,23 +236,27 @@ def evaluate(params: Params, root: Path) -> dict:
         ),
     )
     write_json(root / paths.GATE_REPORT, verdict)
+    write_text(root / paths.GATE_MARKDOWN, gate_markdown(verdict))
 
     cm = confusion_matrix(test.y, pred, len(test.classes))
+    flat = {
+        k: v for k, v in {**quality, **perf}.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(
-            {
-                "test_accuracy": scored["accuracy"],
-                "test_macro_f1": scored["macro_f1"],
-                **{f"test_recall_{c}": r for c, r in scored["per_class_recall"].items()},
-            }
-        )
+        mlflow.log_metrics({f"test_{k}": float(v) for k, v in flat.items()})
+        mlflow.log_metrics({f"test_recall_{c}": r for c, r in quality["per_class_recall"].items()})
         mlflow.log_dict({"classes": test.classes, "matrix": cm.tolist()}, "evaluation/confusion_matrix.json")
+        _log_confusion(cm, test.classes)
         mlflow.log_artifact(str(root / paths.GATE_REPORT), "evaluation")
+        mlflow.log_artifact(str(root / paths.GATE_MARKDOWN), "evaluation")
         mlflow.set_tag("tollgate.gate", "passed" if verdict["passed"] else "failed")
     _log(
-        f"test accuracy {scored['accuracy']:.4f}, macro-F1 {scored['macro_f1']:.4f}; gate "
+        f"test accuracy {quality['accuracy']:.4f}, macro-F1 {quality['macro_f1']:.4f}, "
+        f"p99 {perf['latency_p99_ms']:.2f} ms; gate "
         + ("PASSED" if verdict["passed"] else "FAILED: " + "; ".join(verdict["reasons"]))
     )
+    for warning in verdict["warnings"]:
+        _log(f"gate warning (not blocking): {warning}")
     return verdict
 
 
@@ -239,7 +284,10 @@ def promote(params: Params, root: Path) -> dict:
         result = {"promoted": False, "reason": "candidate rejected: " + "; ".join(registration["reasons"])}
     else:
         try:
-            result = promotion.promote_registered(params, root, registration)
+            from pipeline import tracking
+
+            tracking.connect(params, root)
+            result = promotion.move_champion(params, root, registration["version"])
         except promotion.PromotionError as err:
             write_json(root / paths.PROMOTION, {"promoted": False, "reason": str(err)})
             raise StageFailed(str(err)) from None

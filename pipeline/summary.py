@@ -56,6 +56,7 @@ def render(params: Params, root: Path) -> str:
 
     train = _read(root, paths.TRAIN_REPORT)
     metrics = _read(root, paths.EVAL_METRICS)
+    perf = _read(root, paths.PERF_METRICS)
     verdict = _read(root, paths.GATE_REPORT)
     registration = _read(root, paths.REGISTRATION)
     promotion = _read(root, paths.PROMOTION)
@@ -66,19 +67,26 @@ def render(params: Params, root: Path) -> str:
         )
     if metrics:
         out.append(
-            f"metrics     test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-            f"({metrics['n_test']} test images)"
+            f"metrics     test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+            f"ECE {metrics['ece']:.4f} ({metrics['n_test']} test images, {metrics['n_params']:,} params)"
+        )
+    if perf:
+        out.append(
+            f"speed       batch-1 latency p50 {perf['latency_p50_ms']:.2f} ms, "
+            f"p99 {perf['latency_p99_ms']:.2f} ms; {perf['throughput_ips']:,.0f} img/s at batch "
+            f"{perf['throughput_batch']} on {perf['device']}"
         )
     if verdict:
         out.append(
             "gate        " + ("PASSED" if verdict["passed"] else "FAILED: " + "; ".join(verdict["reasons"]))
         )
         out += gate_table(verdict["checks"])
+        out += [f"  warning (not blocking): {w}" for w in verdict.get("warnings", [])]
     if registration:
         out.append(
             f"registry    {registration['name']} v{registration['version']} @challenger"
             if registration["registered"]
-            else "registry    not registered (gate failed); reasons on the MLflow run"
+            else "registry    not registered: " + "; ".join(registration["reasons"])
         )
     if promotion:
         out.append("promotion   " + (promotion["summary"] if promotion["promoted"] else promotion["reason"]))

@@ -56,6 +56,10 @@ class VersionRef:
     version: str
     run_id: str | None
 
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
 
 def alias_version(name: str, alias: str) -> VersionRef | None:
     """The version behind `name@alias`, or None when the model or the alias does not exist."""
@@ -71,26 +75,38 @@ def alias_version(name: str, alias: str) -> VersionRef | None:
     return VersionRef(name, str(mv.version), mv.run_id)
 
 
-def download_model_dir(name: str, version: str, dst: Path) -> Path:
-    """Fetch a registered version's weights + metadata (no pyfunc load, no pickle) into `dst`."""
+def download_model_dir(model_uri: str, dst: Path) -> Path:
+    """Fetch the weights + metadata folder of an MLflow-format model (`models:/<name>/<version>`, or a
+    local MLflow model directory) into `dst`: no pyfunc load, no pickle."""
     import mlflow
     import yaml
 
-    base = f"models:/{name}/{version}"
-    mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/MLmodel", dst_path=str(dst))
+    mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/MLmodel", dst_path=str(dst))
     pyfunc = yaml.safe_load(Path(mlmodel).read_text())["flavors"]["python_function"]
     rel = pyfunc["artifacts"][MODEL_ARTIFACT_KEY]["path"]
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{rel}", dst_path=str(dst)))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/{rel}", dst_path=str(dst)))
 
 
 def git_state(root: Path) -> tuple[str, bool]:
-    """(commit, dirty) of the project checkout; ("unknown", True) outside git."""
+    """(commit, dirty) of the project checkout; ("unknown", True) outside git. Dirty means changed code or
+    params: the pipeline's own outputs (dvc.lock, reports, metrics, which git tracks) do not count."""
+    from pipeline import paths
+
+    outputs = ["dvc.lock"] + [v for k, v in vars(paths).items() if k.isupper() and v != paths.PARAMS]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                *(f":(exclude){o}" for o in outputs),
+            ],
             cwd=root,
             capture_output=True,
             text=True,

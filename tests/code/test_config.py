@@ -27,7 +27,8 @@ def test_params_yaml_loads_and_sets_every_field():
         ({"data": {"download": "yes"}}, "data.download", "valid boolean"),
         ({"data": {"source": "imagenet"}}, "data.source", "digits"),
         ({"data": {"test_fraction": 1.5}}, "data.test_fraction", "less than 1"),
-        ({"evaluate": {"compare_metrics": ["loss"]}}, "evaluate.compare_metrics.0", "accuracy"),
+        ({"gate": {"compare_metrics": ["loss"]}}, "gate.compare_metrics.0", "accuracy"),
+        ({"gate": {"warn_only": ["max_speed"]}}, "gate.warn_only.0", "min_accuracy"),
     ],
 )
 def test_bad_params_fail_naming_the_key(patch, key, why):

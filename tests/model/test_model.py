@@ -5,9 +5,16 @@ import pytest
 import torch
 
 from pipeline import model as model_io
-from pipeline.config import EvaluateConfig, TrainConfig
+from pipeline.config import GateConfig, TrainConfig
 from pipeline.data import Dataset, load_split, read_manifest
-from pipeline.evaluate import classification_metrics, gate
+from pipeline.evaluate import (
+    classification_metrics,
+    expected_calibration_error,
+    gate,
+    gate_markdown,
+    shifted,
+    top_k_accuracy,
+)
 from pipeline.train import pick_device, train
 
 
@@ -80,34 +87,99 @@ def test_cpu_machine_never_picks_a_gpu():
     assert pick_device("auto").type in ("cpu", "mps")
 
 
-CFG = EvaluateConfig(min_accuracy=0.9, min_macro_f1=0.9, max_drop=0.01)
+CFG = GateConfig(min_accuracy=0.9, min_macro_f1=0.9, max_drop=0.01, warn_only=["max_p99_latency_ms"])
 CLASSES = ["a", "b"]
 
 
+def _candidate(**changes):
+    good = {
+        "accuracy": 0.95,
+        "macro_f1": 0.94,
+        "per_class_recall": {"a": 0.97, "b": 0.93},
+        "ece": 0.03,
+        "latency_p99_ms": 2.0,
+        "model_mb": 0.4,
+        "shift_stability": 0.9,
+    }
+    return {**good, **changes}
+
+
 def test_gate_without_champion_passes_on_absolute_bounds_and_says_so():
-    verdict = gate({"accuracy": 0.95, "macro_f1": 0.94}, CLASSES, CFG, None)
-    assert verdict["passed"]
+    verdict = gate(_candidate(), CLASSES, CFG, None)
+    assert verdict["passed"] and verdict["reasons"] == [] and verdict["warnings"] == []
     assert "no @champion yet" in verdict["checks"][-1]["detail"]
 
 
-def test_gate_blocks_below_absolute_bounds_with_the_reason():
-    verdict = gate({"accuracy": 0.81, "macro_f1": 0.95}, CLASSES, CFG, None)
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"accuracy": 0.81}, "accuracy 0.8100 < 0.9000"),
+        ({"macro_f1": 0.5}, "macro_f1 0.5000 < 0.9000"),
+        ({"per_class_recall": {"a": 0.99, "b": 0.4}}, "min class recall 0.4000 < 0.8000"),
+        ({"ece": 0.3}, "ece 0.3000 > 0.1000"),
+        ({"model_mb": 80.0}, "model size MB 80.0000 > 50.0000"),
+        ({"shift_stability": 0.2}, "shift stability 0.2000 < 0.5000"),
+    ],
+)
+def test_gate_blocks_each_absolute_bound_with_the_reason(changes, reason):
+    verdict = gate(_candidate(**changes), CLASSES, CFG, None)
     assert not verdict["passed"]
-    assert verdict["reasons"] == ["accuracy 0.8100 < 0.9000"]
+    assert verdict["reasons"] == [reason]
+
+
+def test_a_warn_only_check_reports_without_blocking():
+    verdict = gate(_candidate(latency_p99_ms=120.0), CLASSES, CFG, None)
+    assert verdict["passed"]
+    assert verdict["warnings"] == ["p99 latency ms 120.0000 > 50.0000"]
+    blocking = gate(_candidate(latency_p99_ms=120.0), CLASSES, CFG.model_copy(update={"warn_only": []}), None)
+    assert blocking["reasons"] == ["p99 latency ms 120.0000 > 50.0000"]
 
 
 def test_gate_blocks_a_regression_against_the_rescored_champion():
-    champion = {"version": "3", "classes": CLASSES, "metrics": {"accuracy": 0.97, "macro_f1": 0.96}}
-    verdict = gate({"accuracy": 0.955, "macro_f1": 0.958}, CLASSES, CFG, champion)
+    champion = {"version": "3", "classes": CLASSES, "metrics": {"accuracy": 0.97, "macro_f1": 0.95}}
+    verdict = gate(_candidate(accuracy=0.955), CLASSES, CFG, champion)
     assert verdict["reasons"] == ["accuracy vs champion v3 0.9550 < 0.9600"]
-    assert gate({"accuracy": 0.961, "macro_f1": 0.958}, CLASSES, CFG, champion)["passed"]
+    assert gate(_candidate(accuracy=0.961), CLASSES, CFG, champion)["passed"]
+
+
+def test_relative_drop_scales_with_the_champion():
+    champion = {"version": "1", "classes": CLASSES, "metrics": {"accuracy": 0.96, "macro_f1": 0.94}}
+    relative = CFG.model_copy(update={"drop_mode": "relative", "max_drop": 0.05})
+    floor = next(
+        c for c in gate(_candidate(), CLASSES, relative, champion)["checks"] if "accuracy vs" in c["check"]
+    )
+    assert floor["threshold"] == pytest.approx(0.96 * 0.95)
 
 
 def test_gate_blocks_when_classes_differ_from_the_champion():
     champion = {"version": "2", "classes": ["a", "c"], "metrics": None}
-    verdict = gate({"accuracy": 0.99, "macro_f1": 0.99}, CLASSES, CFG, champion)
+    verdict = gate(_candidate(accuracy=0.99), CLASSES, CFG, champion)
     assert not verdict["passed"]
     assert "other classes" in verdict["reasons"][0]
+
+
+def test_gate_markdown_has_one_row_per_check():
+    verdict = gate(_candidate(accuracy=0.5), CLASSES, CFG, None)
+    md = gate_markdown(verdict)
+    assert md.startswith("## Gate: FAILED")
+    assert len([line for line in md.splitlines() if line.startswith("| ")]) == 1 + len(verdict["checks"])
+    assert "| accuracy | 0.5000 | 0.9000 | **FAIL** | block |" in md
+
+
+def test_top_k_and_calibration_error_on_known_cases():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1]])
+    y = np.array([0, 1, 2])
+    assert top_k_accuracy(probs, y, 1) == pytest.approx(1 / 3)
+    assert top_k_accuracy(probs, y, 2) == pytest.approx(2 / 3)
+    # one bin: mean confidence 0.6, accuracy 1/3
+    assert expected_calibration_error(probs, y, 1) == pytest.approx(abs(1 / 3 - 0.6))
+
+
+def test_shift_moves_pixels_and_fills_with_zeros():
+    x = np.arange(9, dtype=np.uint8).reshape(1, 3, 3, 1) + 1
+    down = shifted(x, 1, 0)[0, ..., 0]
+    assert down.tolist() == [[0, 0, 0], [1, 2, 3], [4, 5, 6]]
+    assert shifted(x, 0, -1)[0, ..., 0].tolist() == [[2, 3, 0], [5, 6, 0], [8, 9, 0]]
 
 
 def test_metrics_match_a_hand_computed_case():

@@ -3,6 +3,8 @@ fills, and `tollgate serve` answering on 127.0.0.1. Tests run in order on one pr
 
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,7 +53,19 @@ def test_cold_run_registers_and_promotes_version_1_with_lineage(cold_project, pr
     assert mv.tags["data_version"] == manifest["data_version"]
     assert mv.tags["git_commit"] == commit
     assert mv.tags["device"] == "cpu"
-    assert [c["check"] for c in json.loads(mv.tags["gate"])] == ["accuracy", "macro_f1", "vs champion"]
+    assert [c["check"] for c in json.loads(mv.tags["gate"])] == [
+        "accuracy",
+        "macro_f1",
+        "min class recall",
+        "ece",
+        "p99 latency ms",
+        "model size MB",
+        "shift stability",
+        "vs champion",
+    ]
+    assert mv.tags["infra_validation"] == "passed" and mv.tags["git_dirty"] == "false"
+    assert {"data_version", "params_hash", "accuracy", "macro_f1"} <= set(mv.tags)
+    assert "gate and infra validation passed" in mv.description
 
     mlflow_run = client.get_run(mv.run_id)
     epochs = int(mlflow_run.data.params["train.epochs"])
@@ -62,7 +76,7 @@ def test_cold_run_registers_and_promotes_version_1_with_lineage(cold_project, pr
     assert mlflow_run.data.tags["tollgate.data_version"] == manifest["data_version"]
 
     summary = run(["tollgate", "summary"], cwd=project).stdout
-    assert f"{NAME} v1 @challenger" in summary and "promoted tollgate-classifier v1 to @champion" in summary
+    assert f"{NAME} v1 @challenger" in summary and "@champion → tollgate-classifier v1;" in summary
     assert manifest["data_version"][:12] in summary and "mlflow ui" in summary
 
 
@@ -136,7 +150,7 @@ def test_changing_a_training_param_retrains_and_the_running_server_follows(proje
     status, meta = http("GET", f"{server.url}/v2/models/{NAME}")
     assert status == 200 and meta["versions"] == ["2"]
     gate = _report(project, paths.GATE_REPORT)
-    assert [c["check"] for c in gate["checks"]][2:] == ["accuracy vs champion v1", "macro_f1 vs champion v1"]
+    assert [c["check"] for c in gate["checks"]][-2:] == ["accuracy vs champion v1", "macro_f1 vs champion v1"]
 
 
 def test_a_worse_candidate_is_rejected_and_nothing_moves(project, server):
@@ -161,6 +175,134 @@ def test_rerunning_register_does_not_duplicate_a_version(project):
     run(["dvc", "repro", "--force", "--single-item", "register"], cwd=project)
     assert _versions(project) == versions
     assert _report(project, paths.REGISTRATION)["existing"] is True
+
+
+def test_rollback_restores_the_previous_version_and_the_server_serves_it(project, server):
+    champion, previous = _alias(project, "champion"), _alias(project, "previous")
+    assert champion != previous
+    out = run(["tollgate", "rollback"], cwd=project).stdout
+    assert f"v{previous} (was v{champion}); {server.url} serves it, verified" in out
+    assert _alias(project, "champion") == previous and _alias(project, "previous") == champion
+    assert http("GET", f"{server.url}/v2/models/{NAME}")[1]["versions"] == [previous]
+    run(["tollgate", "rollback", "--to", champion], cwd=project)
+    assert http("GET", f"{server.url}/v2/models/{NAME}")[1]["versions"] == [champion]
+
+
+def test_rollback_to_a_missing_version_fails_and_changes_nothing(project, server):
+    champion = _alias(project, "champion")
+    proc = run(["tollgate", "rollback", "--to", "99"], cwd=project, check=False)
+    assert proc.returncode != 0
+    assert _alias(project, "champion") == champion
+    assert http("GET", f"{server.url}/v2/models/{NAME}")[1]["versions"] == [champion]
+
+
+def test_concurrent_promotions_leave_alias_and_server_in_agreement(project, server):
+    import subprocess
+
+    from tests.support import tool_env
+
+    versions = [str(v) for v in _versions(project)][-2:]
+    procs = [
+        subprocess.Popen(
+            ["tollgate", "rollback", "--to", v],
+            cwd=project,
+            env=tool_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for v in versions * 2
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    served = http("GET", f"{server.url}/v2/models/{NAME}")[1]["versions"]
+    assert served == [_alias(project, "champion")]
+
+
+def test_mlflow_models_serve_answers_for_the_registered_model(project):
+    """The registry stays usable with the ecosystem's own tools: MLflow's scoring server on @champion."""
+    import subprocess
+    import time
+    import urllib.request
+
+    import mlflow
+
+    from pipeline.data import load_split
+    from pipeline.model import load, predict_proba
+    from pipeline.tracking import download_model_dir
+    from tests.support import free_port, tool_env
+
+    port = free_port()
+    env = {**tool_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    proc = subprocess.Popen(
+        [
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break  # /ping answers 200 with a bare newline, not JSON
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "mlflow models serve did not start"
+            time.sleep(0.5)
+        test = load_split(project / paths.PREPARED_DIR, "test")
+        body = json.dumps({"inputs": test.x[:16].astype(float).tolist()}).encode()
+        status, out = http(
+            "POST", f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
+        assert status == 200
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        with tempfile.TemporaryDirectory() as tmp:
+            champion_uri = f"models:/{NAME}/{_alias(project, 'champion')}"
+            model, _ = load(download_model_dir(champion_uri, Path(tmp)))
+        expected = predict_proba(model, test.x[:16]).argmax(1).tolist()
+        assert np.asarray(out["predictions"]).argmax(1).tolist() == expected
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_candidate_failing_infra_validation_is_not_registered_or_promoted(project, server):
+    """Weights that change between evaluation and packaging (a corrupted or swapped artifact) must be caught
+    by serving the packaged model from a fresh process, before the registry or the server see it."""
+    versions, champion = _versions(project), _alias(project, "champion")
+    set_param(project, "train.epochs", 0)
+    run(["tollgate", "train"], cwd=project)
+    untrained = (project / paths.MODEL_DIR / "model.pt").read_bytes()
+    set_param(project, "train.epochs", 13)
+    for stage in ("train", "evaluate"):
+        run(["tollgate", stage], cwd=project)
+    assert _report(project, paths.GATE_REPORT)["passed"]
+    (project / paths.MODEL_DIR / "model.pt").write_bytes(untrained)
+
+    run(["tollgate", "register"], cwd=project)
+    registration = _report(project, paths.REGISTRATION)
+    assert not registration["registered"]
+    assert registration["reasons"][0].startswith(
+        "infra validation failed: served predictions differ from evaluation"
+    )
+    run(["tollgate", "promote"], cwd=project)
+    assert not _report(project, paths.PROMOTION)["promoted"]
+    assert _versions(project) == versions and _alias(project, "champion") == champion
+    assert http("GET", f"{server.url}/v2/models/{NAME}")[1]["versions"] == [champion]
 
 
 def test_a_validation_failure_stops_the_chain_and_registers_nothing(project):
