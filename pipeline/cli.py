@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     rb = sub.add_parser("rollback", help="make an earlier version @champion again, verified like a promotion")
     rb.add_argument("--to", help="version to restore (default: the one behind @previous)")
+    d = sub.add_parser("deploy", help="hand @champion to a serving target (default: serve.target)")
+    d.add_argument("--target", choices=["local", "mlflow", "kserve"])
     sub.add_parser("summary", help="one screen on the last pipeline run")
     sm = sub.add_parser("samples", help="write test-split images as PNG files to send to the server")
     sm.add_argument("--out", default="samples")
@@ -54,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.promote import rollback
 
             print(rollback(params, root, args.to)["summary"])
+        elif args.command == "deploy":
+            from pipeline.deploy import deploy
+
+            print(deploy(params, root, args.target or params.serve.target)["summary"])
         elif args.command == "summary":
             from pipeline.summary import render
 
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"tollgate: {err}", file=sys.stderr)
         return 2
-    except (StageFailed, PromotionError) as err:
+    except (StageFailed, PromotionError, LookupError) as err:
         print(f"tollgate {args.command}: {err}", file=sys.stderr)
         return 1
     return 0

@@ -88,8 +88,14 @@ class RegistryConfig(_Section):
 
 
 class ServeConfig(_Section):
+    target: Literal["local", "mlflow", "kserve"] = "local"
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=1, le=65535)
+    max_batch_size: int = Field(64, ge=1)
+    max_latency_ms: float = Field(2.0, ge=0.0)
+    threads: int = Field(1, ge=0)
+    max_body_mb: float = Field(10.0, gt=0.0)
+    max_image_pixels: int = Field(16_000_000, ge=1)
     smoke_images: int = Field(16, ge=1)
     timeout_s: float = Field(30.0, gt=0.0)
 

@@ -15,3 +15,4 @@ GATE_MARKDOWN = "reports/gate.md"
 REGISTRATION = "reports/registration.json"
 PROMOTION = "reports/promotion.json"
 SERVER_STATE = ".tollgate/server.json"
+KSERVE_MANIFEST = "deploy/kserve-inferenceservice.yaml"  # written by the kserve target, applied by people

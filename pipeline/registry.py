@@ -1,5 +1,5 @@
-"""register: package a gated candidate in MLflow's model format, prove it serves (infra validation), then
-hand it to the model registry with its lineage."""
+"""register: log a gated candidate in MLflow's model format, prove it serves (infra validation), then hand
+it to the model registry with its lineage."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _evaluated_predictions(root: Path, n: int) -> list[str]:
         return [row["predicted"] for _, row in zip(range(n), csv.DictReader(f), strict=False)]
 
 
-def infra_validate(params: Params, root: Path, model_dir: Path) -> str | None:
+def infra_validate(params: Params, root: Path, model_uri: str) -> str | None:
     """Serve the packaged candidate from a fresh process exactly as the serving target loads models, send
     it a real request, and compare with evaluation. Returns None when it passes, else the reason."""
     from pipeline.serve import free_port
@@ -68,7 +68,7 @@ def infra_validate(params: Params, root: Path, model_dir: Path) -> str | None:
     smoke_x = _smoke_images(root, n)
     expected = _evaluated_predictions(root, len(smoke_x))
     port = free_port()
-    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model-uri", str(model_dir), "--port", str(port)]
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model-uri", model_uri, "--port", str(port)]
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
         server = Server(f"http://127.0.0.1:{port}")
@@ -93,18 +93,6 @@ def infra_validate(params: Params, root: Path, model_dir: Path) -> str | None:
     return None
 
 
-def _package_and_validate(params: Params, root: Path) -> str | None:
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "model"
-        try:
-            mlflow.pyfunc.save_model(path=str(model_dir), **_model_spec(root))
-        except Exception as err:  # noqa: BLE001 - any packaging fault rejects the candidate, with its message
-            return f"could not package the candidate in MLflow format: {err}"
-        return infra_validate(params, root, model_dir)
-
-
 def register(params: Params, root: Path, verdict: dict) -> dict:
     """Register a passing candidate (once per MLflow run) that also passes infra validation, and point
     @challenger at it; record a rejected one's reasons on its run. Returns reports/registration.json."""
@@ -126,12 +114,19 @@ def register(params: Params, root: Path, verdict: dict) -> dict:
     if existing:
         version = str(existing[0].version)
     else:
-        failure = _package_and_validate(params, root)
+        # Logged on the run (not yet registered), then served from the tracking store by a fresh process:
+        # only a package that serves like evaluation predicted becomes a registry version.
+        try:
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(name="model", **_model_spec(root))
+        except Exception as err:  # noqa: BLE001 - any packaging fault rejects the candidate, with its message
+            return reject(
+                [f"infra validation failed: could not package the candidate in MLflow format: {err}"]
+            )
+        failure = infra_validate(params, root, client.get_logged_model(info.model_id).artifact_location)
         if failure is not None:
             return reject([f"infra validation failed: {failure}"])
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **_model_spec(root))
-        version = str(info.registered_model_version)
+        version = str(mlflow.register_model(info.model_uri, name).version)
 
     metrics = read_json(root / paths.EVAL_METRICS)
     meta = read_json(root / paths.MODEL_DIR / "model.json")

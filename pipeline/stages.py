@@ -288,6 +288,11 @@ def promote(params: Params, root: Path) -> dict:
 
             tracking.connect(params, root)
             result = promotion.move_champion(params, root, registration["version"])
+            if params.serve.target != "local":
+                from pipeline.deploy import deploy
+
+                result["deploy"] = deploy(params, root, params.serve.target)
+                result["summary"] += "; " + result["deploy"]["summary"]
         except promotion.PromotionError as err:
             write_json(root / paths.PROMOTION, {"promoted": False, "reason": str(err)})
             raise StageFailed(str(err)) from None

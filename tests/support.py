@@ -97,38 +97,73 @@ def http(
         return err.code, json.loads(err.read() or b"null")
 
 
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Return once `url` answers 2xx; fail if `proc` exits first or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{' '.join(map(str, proc.args))} exited while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
+
+
 class Server:
-    """`tollgate serve` as a real process on 127.0.0.1, in a project folder."""
+    """A real server process on 127.0.0.1 in a project folder: `tollgate serve` by default."""
 
-    def __init__(self, project: Path):
-        import time
+    health = "/v2/health/live"
 
+    def __init__(self, project: Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(project / "serve.log", "w")  # noqa: SIM115 - lives as long as the server
+        self.log = open(project / f"{type(self).__name__}.log", "w")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
-            ["tollgate", "serve", "--port", str(self.port)],
+            self.command(),
             cwd=project,
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env=tool_env(),
+            env={**tool_env(), **(env or {})},
         )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {(project / 'serve.log').read_text()}")
-            try:
-                if http("GET", self.url + "/v2/health/live", timeout=1)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("server did not start in 90 s")
+        wait_http(self.url + self.health, self.proc)
+
+    def command(self) -> list[str]:
+        return ["tollgate", "serve", "--port", str(self.port)]
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
         self.log.close()
+
+
+class MlflowServer(Server):
+    """`mlflow models serve` on the project's @champion: the ecosystem's own scoring server."""
+
+    health = "/ping"
+
+    def __init__(self, project: Path, name: str):
+        self.name = name
+        super().__init__(project, {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"})
+
+    def command(self) -> list[str]:
+        return [
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{self.name}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+        ]
 
 
 def model_client(project: Path):

@@ -1,0 +1,100 @@
+"""Load test: tollgate's server vs `mlflow models serve`, on the same registered model, side by side.
+
+Builds a fresh project copy, runs the pipeline once to register a champion, starts both servers on
+127.0.0.1 and drives each in turn with wrk (Debian package `wrk`) at 16 connections, one test image per
+request on the MLflow scoring protocol (`POST /invocations`). Prints throughput and latency percentiles.
+Target on 2 cores (issue 6): tollgate >= 5x MLflow's throughput and p99 <= 50 ms.
+
+    .venv/bin/python bench/serve_load.py [--seconds 20] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support import MlflowServer, Server, make_project, run  # noqa: E402
+
+NAME = "tollgate-classifier"
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(url: str, script: Path, seconds: int, connections: int) -> dict:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    def latency(pct: str) -> float:
+        value, unit = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * UNITS[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "none",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=20)
+    ap.add_argument("--connections", type=int, default=16)
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        project = make_project(Path(tmp) / "project")
+        print("running the pipeline once to register a champion ...", flush=True)
+        run(["dvc", "repro"], cwd=project)
+        import numpy as np
+
+        image = np.load(project / "data/prepared/test_x.npy")[:1].astype(float).tolist()
+        script = Path(tmp) / "post.lua"
+        body = json.dumps({"inputs": image})
+        script.write_text(
+            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            f"wrk.body = {json.dumps(body)}\n"
+        )
+        results = {}
+        for label, start in (
+            ("tollgate", lambda: Server(project)),
+            ("mlflow", lambda: MlflowServer(project, NAME)),
+        ):
+            server = start()
+            try:
+                wrk(server.url + "/invocations", script, 3, args.connections)  # warm-up
+                results[label] = wrk(server.url + "/invocations", script, args.seconds, args.connections)
+            finally:
+                server.stop()
+
+    print(
+        f"\n{args.connections} connections, {args.seconds} s, one {np.asarray(image).shape[1:]} image per "
+        "request, POST /invocations"
+    )
+    print(f"{'server':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}  socket errors")
+    for server, r in results.items():
+        print(
+            f"{server:<10} {r['rps']:>9.1f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['non_2xx']:>8}  "
+            f"{r['socket_errors']}"
+        )
+    ratio = results["tollgate"]["rps"] / results["mlflow"]["rps"]
+    print(f"throughput ratio tollgate/mlflow: {ratio:.1f}x   (target >= 5x; tollgate p99 target <= 50 ms)")
+
+
+if __name__ == "__main__":
+    main()

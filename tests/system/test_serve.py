@@ -1,0 +1,331 @@
+"""The serving target as a client sees it: a real `tollgate serve` on 127.0.0.1, real test images, real
+requests, including malformed ones and a champion swap under load."""
+
+import io
+import json
+import math
+import threading
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from pipeline import paths
+from tests.support import Server, http, make_project, model_client, run, set_param
+
+pytestmark = pytest.mark.slow
+NAME = "tollgate-classifier"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project with two registered versions (v2 champion, v1 previous)."""
+    project = make_project(tmp_path_factory.mktemp("serve") / "project")
+    run(["dvc", "repro"], cwd=project)
+    set_param(project, "train.epochs", 13)
+    run(["dvc", "repro"], cwd=project)
+    assert str(model_client(project).get_model_version_by_alias(NAME, "champion").version) == "2"
+    return project
+
+
+@pytest.fixture(scope="module")
+def server(project):
+    srv = Server(project)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def test_split(project):
+    from pipeline.data import load_split
+
+    return load_split(project / paths.PREPARED_DIR, "test")
+
+
+def _png(img: np.ndarray, size: tuple[int, int] | None = None, mode: str = "L") -> bytes:
+    from PIL import Image
+
+    pic = Image.fromarray(img[..., 0]).convert(mode)
+    if size:
+        pic = pic.resize(size)
+    buf = io.BytesIO()
+    pic.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def test_predict_names_the_right_class_for_real_test_images(server, test_split):
+    n, correct = 60, 0
+    for img, label in zip(test_split.x[:n], test_split.y[:n], strict=True):
+        status, body = http(
+            "POST", server.url + "/predict", _png(np.asarray(img)), {"Content-Type": "image/png"}
+        )
+        assert status == 200 and body["version"] == "2" and len(body["predictions"]) == 3
+        probs = [p["probability"] for p in body["predictions"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+        correct += body["predictions"][0]["class"] == test_split.classes[label]
+    assert correct >= 0.95 * n
+
+
+def test_predict_accepts_what_curl_data_binary_sends(server, test_split):
+    # `curl --data-binary @digit.png URL` labels the body application/x-www-form-urlencoded
+    png = _png(np.asarray(test_split.x[0]))
+    status, body = http(
+        "POST", server.url + "/predict", png, {"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert status == 200
+    assert body["predictions"][0]["class"] == test_split.classes[test_split.y[0]]
+
+
+def test_predict_takes_multipart_uploads_any_size_and_rgb(server, test_split):
+    img = np.asarray(test_split.x[0])
+    label = test_split.classes[test_split.y[0]]
+    boundary = "tollgateboundary"
+    png = _png(img, size=(64, 64), mode="RGB")  # bigger and in colour: resized and converted like training
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="digit.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    status, out = http(
+        "POST",
+        server.url + "/predict?top_k=1",
+        body,
+        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert status == 200 and len(out["predictions"]) == 1
+    assert out["predictions"][0]["class"] == label
+
+
+def test_invocations_match_the_registered_model(server, project, test_split):
+    from pipeline.model import load, predict_proba
+
+    model, _ = load(project / paths.MODEL_DIR)
+    x = np.asarray(test_split.x[:32])
+    expected = predict_proba(model, x).numpy()
+    for key in ("inputs", "instances"):
+        status, out = http("POST", server.url + "/invocations", _json({key: x.tolist()}), JSON)
+        assert status == 200
+        np.testing.assert_allclose(np.asarray(out["predictions"]), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_open_inference_protocol_v2_shapes(server, test_split):
+    assert http("GET", server.url + "/v2/health/live")[0] == 200
+    assert http("GET", server.url + "/v2/health/ready")[0] == 200
+    assert http("GET", f"{server.url}/v2/models/{NAME}/ready")[1] == {"name": NAME, "ready": True}
+    status, meta = http("GET", f"{server.url}/v2/models/{NAME}")
+    assert status == 200
+    assert meta["name"] == NAME and meta["versions"] == ["2"] and meta["platform"] == "pytorch"
+    assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 8, 8, 1]}]
+    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+
+    x = np.asarray(test_split.x[:4], dtype=np.uint8)
+    request = {
+        "id": "req-7",
+        "inputs": [
+            {"name": "pixels", "shape": list(x.shape), "datatype": "UINT8", "data": x.ravel().tolist()}
+        ],
+    }
+    status, out = http("POST", f"{server.url}/v2/models/{NAME}/infer", _json(request), JSON)
+    assert status == 200
+    assert out["model_name"] == NAME and out["model_version"] == "2" and out["id"] == "req-7"
+    (tensor,) = out["outputs"]
+    assert tensor["name"] == "probabilities" and tensor["datatype"] == "FP32" and tensor["shape"] == [4, 10]
+    probs = np.asarray(tensor["data"]).reshape(tensor["shape"])
+    assert probs.sum(axis=1) == pytest.approx(np.ones(4), abs=1e-4)
+    assert [test_split.classes[i] for i in probs.argmax(1)] == [
+        test_split.classes[y] for y in test_split.y[:4]
+    ]
+
+
+def _bomb() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buf, format="PNG")  # a few KB that unpack to 400 MB
+    return buf.getvalue()
+
+
+BAD = [
+    ("POST", "/invocations", b"{not json", JSON, 400, "valid JSON"),
+    ("POST", "/invocations", _json({"inputs": [[1, 2, 3]]}), JSON, 400, "shape"),
+    ("POST", "/invocations", _json({"rows": []}), JSON, 400, '"inputs"'),
+    ("POST", "/invocations", _json({"inputs": [[[["a"]] * 8] * 8]}), JSON, 400, "numbers"),
+    ("POST", "/invocations", json.dumps({"inputs": [[[[math.nan]] * 8] * 8]}).encode(), JSON, 400, "NaN"),
+    (
+        "POST",
+        "/invocations",
+        _json({"inputs": [[[[1]] * 8] * 8]}),
+        {"Content-Type": "text/plain"},
+        415,
+        "json",
+    ),
+    ("POST", "/invocations", b"", JSON, 400, "empty"),
+    ("POST", "/predict", b"", {"Content-Type": "image/png"}, 400, "empty"),
+    ("POST", "/predict", b"GIF89a not really", {"Content-Type": "image/png"}, 400, "PNG or JPEG"),
+    ("POST", "/predict", b"{}", {"Content-Type": "application/json"}, 415, "PNG/JPEG"),
+    ("POST", "/predict", _bomb(), {"Content-Type": "image/png"}, 413, "pixels"),
+    (
+        "POST",
+        f"/v2/models/{NAME}/infer",
+        _json({"inputs": [{"shape": [1, 8, 8, 1], "datatype": "FP32", "data": [1, 2]}]}),
+        JSON,
+        400,
+        "data matching shape",
+    ),
+    (
+        "POST",
+        f"/v2/models/{NAME}/infer",
+        _json({"inputs": [{"shape": [1, 8, 8, 1], "datatype": "BYTES", "data": [1] * 64}]}),
+        JSON,
+        400,
+        "datatype",
+    ),
+    (
+        "POST",
+        f"/v2/models/{NAME}/infer",
+        _json({"inputs": [{"shape": [1, 8, 8, 1], "datatype": "FP16", "data": [1e5] * 64}]}),
+        JSON,
+        400,
+        "finite",
+    ),
+    ("POST", "/v2/models/other/infer", _json({"inputs": []}), JSON, 404, "unknown model"),
+    ("GET", "/v2/models/someone-else", None, {}, 404, "unknown model"),
+    ("POST", "/admin/reload", b"", {}, 401, "token"),
+    ("POST", "/admin/reload", b"", {"Authorization": "Bearer wrong"}, 401, "token"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status", "says"),
+    BAD,
+    ids=[f"{m} {p} {s} {w}" for m, p, _, _, s, w in BAD],
+)
+def test_bad_input_gets_a_4xx_saying_what_was_expected(
+    server, test_split, method, path, body, headers, status, says
+):
+    got, payload = http(method, server.url + path, body, headers)
+    assert got == status
+    assert says.lower() in payload["detail"].lower()
+    # and the server keeps answering correctly
+    ok, out = http(
+        "POST", server.url + "/invocations", _json({"inputs": np.asarray(test_split.x[:1]).tolist()}), JSON
+    )
+    assert ok == 200 and len(out["predictions"]) == 1
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(server, test_split):
+    from http.client import HTTPConnection
+
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.putrequest("POST", "/invocations")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(11 * 1024 * 1024))
+    conn.endheaders()  # headers only: the server must answer without waiting for 11 MB
+    resp = conn.getresponse()
+    assert resp.status == 413
+    assert "at most" in json.loads(resp.read())["detail"]
+    conn.close()
+    ok, _ = http(
+        "POST", server.url + "/invocations", _json({"inputs": np.asarray(test_split.x[:1]).tolist()}), JSON
+    )
+    assert ok == 200
+
+
+def test_binds_loopback_only_by_default(project):
+    from pipeline.config import load_params
+
+    assert load_params(project / "params.yaml").serve.host == "127.0.0.1"
+
+
+def test_metrics_are_prometheus_text_with_requests_latency_batches_and_version(server, test_split):
+    http("POST", server.url + "/invocations", _json({"inputs": np.asarray(test_split.x[:3]).tolist()}), JSON)
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    assert 'tollgate_requests_total{code="200",endpoint="/invocations"}' in text
+    assert 'tollgate_requests_total{code="404",endpoint="/v2/models/{model_name}"}' in text
+    assert "tollgate_request_latency_seconds_bucket" in text and "tollgate_batch_size_bucket" in text
+    assert f'tollgate_model_version{{model="{NAME}",version="2"}} 1.0' in text
+
+
+def test_concurrent_requests_are_batched(server, test_split):
+    def batches() -> float:
+        with urllib.request.urlopen(server.url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        count = float(
+            next(
+                line.split()[-1] for line in text.splitlines() if line.startswith("tollgate_batch_size_count")
+            )
+        )
+        total = float(
+            next(line.split()[-1] for line in text.splitlines() if line.startswith("tollgate_batch_size_sum"))
+        )
+        return count, total
+
+    before = batches()
+    body = _json({"inputs": np.asarray(test_split.x[:1]).tolist()})
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda _: http("POST", server.url + "/invocations", body, JSON)[0], range(400)))
+    after = batches()
+    assert codes == [200] * 400
+    forward_passes, images = after[0] - before[0], after[1] - before[1]
+    assert images == 400
+    assert forward_passes < 400  # several requests shared a forward pass
+
+
+def test_reload_under_load_drops_no_request_and_reports_the_new_version(server, project, test_split):
+    body = _json({"inputs": np.asarray(test_split.x[:2]).tolist()})
+    stop = threading.Event()
+    results: list[tuple[int, str]] = []
+
+    def client():
+        while not stop.is_set():
+            status, out = http("POST", server.url + "/invocations", body, JSON)
+            results.append((status, out.get("version") if isinstance(out, dict) else None))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        run(["tollgate", "rollback"], cwd=project)  # @champion v2 -> v1, server reloads mid-burst
+        run(["tollgate", "rollback"], cwd=project)  # and back to v2
+        run(["tollgate", "rollback"], cwd=project)  # and to v1 again
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(results) > 50
+    assert all(status == 200 for status, _ in results), {s for s, _ in results}
+    versions = [v for _, v in results]
+    assert {"1", "2"} <= set(versions)
+    assert http("GET", f"{server.url}/v2/models/{NAME}")[1]["versions"] == ["1"]
+
+
+def test_kserve_target_writes_an_inference_service_for_the_champion(project):
+    import yaml
+
+    run(["tollgate", "deploy", "--target", "kserve"], cwd=project)
+    manifest = yaml.safe_load((project / paths.KSERVE_MANIFEST).read_text())
+    assert manifest["apiVersion"] == "serving.kserve.io/v1beta1" and manifest["kind"] == "InferenceService"
+    predictor = manifest["spec"]["predictor"]["model"]
+    assert predictor["modelFormat"]["name"] == "mlflow" and predictor["protocolVersion"] == "v2"
+    client = model_client(project)
+    champion = client.get_model_version_by_alias(NAME, "champion").version
+    assert predictor["storageUri"] == client.get_model_version_download_uri(NAME, champion)
+    assert manifest["metadata"]["labels"]["tollgate/model-version"] == str(champion)
+
+
+def test_mlflow_target_prints_the_command_for_mlflows_own_server(project):
+    out = run(["tollgate", "deploy", "--target", "mlflow"], cwd=project).stdout
+    assert f'mlflow models serve -m "models:/{NAME}@champion"' in out
