@@ -8,7 +8,6 @@ per-stage timing in the UI, and a final state whose message says what happened.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 from prefect import flow, task
@@ -16,6 +15,7 @@ from prefect.states import Completed, Failed
 
 from pipeline import paths
 from pipeline.cli import STAGES
+from pipeline.io import read_report
 
 # A retry helps where the stage talks to something that can blip (the tracking server, the serving
 # target, a busy device); re-running prepare or validate on the same bytes gives the same answer.
@@ -26,21 +26,14 @@ class StageError(RuntimeError):
     pass
 
 
-def _read(root: Path, rel: str) -> dict:
-    try:
-        return json.loads((root / rel).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _cause(stage: str, root: Path) -> str:
     """Why a stage failed, from the report it leaves behind (the stage's own stderr is in the run log)."""
     if stage == "validate":
-        failures = _read(root, paths.VALIDATION_REPORT).get("failures")
+        failures = read_report(root / paths.VALIDATION_REPORT).get("failures")
         if failures:
             return "data validation failed: " + "; ".join(failures)
     if stage == "promote":
-        reason = _read(root, paths.PROMOTION).get("reason")
+        reason = read_report(root / paths.PROMOTION).get("reason")
         if reason:
             return "promotion failed: " + reason
     return f"stage {stage} failed (see its output above)"
@@ -64,7 +57,7 @@ def publish_artifacts(stage: str, root: Path) -> None:
     """What a person looking at the run in the Prefect UI needs, per stage (key: what it is)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    if stage == "validate" and (report := _read(root, paths.VALIDATION_REPORT)):
+    if stage == "validate" and (report := read_report(root / paths.VALIDATION_REPORT)):
         create_table_artifact(
             key="data-validation",
             table=[{k: c[k] for k in ("scope", "check", "success", "message")} for c in report["checks"]],
@@ -77,7 +70,7 @@ def publish_artifacts(stage: str, root: Path) -> None:
             markdown=(root / paths.GATE_MARKDOWN).read_text(),
             description="gate verdict for this candidate",
         )
-    elif stage == "register" and (reg := _read(root, paths.REGISTRATION)):
+    elif stage == "register" and (reg := read_report(root / paths.REGISTRATION)):
         text = (
             f"Registered **{reg['model_uri']}** (MLflow run `{reg['run_id']}`), alias @challenger."
             if reg["registered"]
@@ -88,8 +81,8 @@ def publish_artifacts(stage: str, root: Path) -> None:
 
 def outcome(root: Path) -> str:
     """One line on what the run decided, from the gate and promotion reports."""
-    verdict = _read(root, paths.GATE_REPORT)
-    promotion = _read(root, paths.PROMOTION)
+    verdict = read_report(root / paths.GATE_REPORT)
+    promotion = read_report(root / paths.PROMOTION)
     if verdict and not verdict.get("passed"):
         return "rejected: " + "; ".join(verdict["reasons"])
     if promotion.get("promoted"):

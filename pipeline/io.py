@@ -34,6 +34,14 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_report(path: str | Path) -> dict:
+    """A stage's JSON report, or {} when that stage has not written one (yet)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temp folder that replaces `path` only if the block finishes."""

@@ -7,13 +7,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.config import Params
-
-
-def _read(root: Path, rel: str) -> dict | None:
-    try:
-        return json.loads((root / rel).read_text())
-    except (OSError, ValueError):
-        return None
+from pipeline.io import read_report
 
 
 def _fmt(v: object) -> str:
@@ -33,17 +27,17 @@ def gate_table(checks: list[dict]) -> list[str]:
 
 
 def render(params: Params, root: Path) -> str:
-    manifest = _read(root, f"{paths.PREPARED_DIR}/manifest.json")
-    validation = _read(root, paths.VALIDATION_REPORT)
+    manifest = read_report(root / paths.PREPARED_DIR / "manifest.json")
+    validation = read_report(root / paths.VALIDATION_REPORT)
     out = ["", "tollgate: pipeline summary", "=" * 26]
-    if manifest is None:
+    if not manifest:
         return "\n".join([*out, "nothing prepared yet: run `dvc repro`"])
     sizes = " / ".join(f"{s} {sum(manifest['counts'][s].values())}" for s in ("train", "val", "test"))
     out.append(
         f"data        {manifest['source']}, version {manifest['data_version'][:12]} ({sizes}), "
         f"{len(manifest['classes'])} classes, images {'x'.join(map(str, manifest['image_shape']))}"
     )
-    if validation is None or validation.get("data_version") != manifest["data_version"]:
+    if validation.get("data_version") != manifest["data_version"]:
         return "\n".join([*out, "validation  not run on this data"])
     n = len(validation["checks"])
     if not validation["passed"]:
@@ -54,12 +48,12 @@ def render(params: Params, root: Path) -> str:
         return "\n".join(out)
     out.append(f"validation  passed ({n} expectations)")
 
-    train = _read(root, paths.TRAIN_REPORT)
-    metrics = _read(root, paths.EVAL_METRICS)
-    perf = _read(root, paths.PERF_METRICS)
-    verdict = _read(root, paths.GATE_REPORT)
-    registration = _read(root, paths.REGISTRATION)
-    promotion = _read(root, paths.PROMOTION)
+    train = read_report(root / paths.TRAIN_REPORT)
+    metrics = read_report(root / paths.EVAL_METRICS)
+    perf = read_report(root / paths.PERF_METRICS)
+    verdict = read_report(root / paths.GATE_REPORT)
+    registration = read_report(root / paths.REGISTRATION)
+    promotion = read_report(root / paths.PROMOTION)
     if train:
         out.append(
             f"training    {train['epochs']} epochs on {train['device']} in {train['wall_s']:.1f}s, "
