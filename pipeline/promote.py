@@ -42,14 +42,12 @@ def verify(
 def smoke_check(params: Params, root: Path, model_uri: str) -> tuple[np.ndarray, np.ndarray]:
     """Test images and the classes the given MLflow model predicts for them, loaded the way the server
     loads it: what the serving target must reproduce."""
-    import tempfile
 
     from pipeline.data import load_split
-    from pipeline.model import load, predict_proba
+    from pipeline.model import predict_proba
 
     smoke_x = np.asarray(load_split(root / paths.PREPARED_DIR, "test").x[: params.serve.smoke_images])
-    with tempfile.TemporaryDirectory() as tmp:
-        model, _ = load(tracking.download_model_dir(model_uri, Path(tmp)))
+    model, _ = tracking.load_model(model_uri)
     return smoke_x, predict_proba(model, smoke_x).argmax(1).numpy()
 
 

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import secrets
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pipeline import paths, tracking
 from pipeline.config import Params, ServeConfig
-from pipeline.model import Classifier, load, predict_proba
+from pipeline.model import Classifier, predict_proba
 
 # The last is what `curl --data-binary @digit.png` sends by default; the decoder checks the bytes anyway.
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream", "application/x-www-form-urlencoded")
@@ -71,8 +70,7 @@ class ModelSlot:
             version, uri = self._target()
             if self.current is not None and self.current.version == version:
                 return self.current
-            with tempfile.TemporaryDirectory() as tmp:
-                model, meta = load(tracking.download_model_dir(uri, Path(tmp)))
+            model, meta = tracking.load_model(uri)
             h, w, c = meta["input_shape"]
             predict_proba(model, torch.zeros(1, h, w, c))  # warm up before taking traffic
             self.current = Served(version, model, meta)

@@ -138,7 +138,6 @@ def train(params: Params, root: Path) -> dict:
 
 def _champion_metrics(params: Params, test) -> dict | None:
     """Load the current @champion from the registry and score it now on this test split."""
-    import tempfile
 
     from pipeline import model as model_io
     from pipeline import tracking
@@ -147,8 +146,7 @@ def _champion_metrics(params: Params, test) -> dict | None:
     ref = tracking.alias_version(params.registry.model_name, tracking.CHAMPION)
     if ref is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        model, meta = model_io.load(tracking.download_model_dir(ref.uri, Path(tmp)))
+    model, meta = tracking.load_model(ref.uri)
     champion = {"version": ref.version, "classes": meta["classes"], "metrics": None}
     if meta["classes"] == test.classes and list(meta["input_shape"]) == list(test.x.shape[1:]):
         probs = model_io.predict_proba(model, test.x).numpy()

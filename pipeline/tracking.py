@@ -87,6 +87,17 @@ def download_model_dir(model_uri: str, dst: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/{rel}", dst_path=str(dst)))
 
 
+def load_model(model_uri: str, device: str = "cpu"):
+    """(model, meta) of an MLflow-format model, rebuilt from its weights and metadata exactly as the serving
+    target loads it; the downloaded files are removed once loaded."""
+    import tempfile
+
+    from pipeline.model import load
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load(download_model_dir(model_uri, Path(tmp)), device)
+
+
 def git_state(root: Path) -> tuple[str, bool]:
     """(commit, dirty) of the project checkout; ("unknown", True) outside git. Dirty means changed code or
     params: the pipeline's own outputs (dvc.lock, reports, metrics, which git tracks) do not count."""
