@@ -60,7 +60,10 @@ def publish_artifacts(stage: str, root: Path) -> None:
     if stage == "validate" and (report := read_report(root / paths.VALIDATION_REPORT)):
         create_table_artifact(
             key="data-validation",
-            table=[{k: c[k] for k in ("scope", "check", "success", "message")} for c in report["checks"]],
+            table=[
+                {k: c.get(k) for k in ("id", "scope", "check", "success", "blocking", "message")}
+                for c in report["checks"]
+            ],
             description=f"data {report['data_version'][:12]}: "
             + ("passed" if report["passed"] else "FAILED"),
         )

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Section(BaseModel):
@@ -21,17 +21,49 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["digits"] = "digits"
+    source: Literal["digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"] = "digits"
     root: str = "data/raw"
     download: bool = False
+    image_size: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=2, max_length=2)
+    channels: Literal[0, 1, 3] = 0
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _folders_need_a_size(self) -> DataConfig:
+        if self.source == "imagefolder" and self.image_size is None:
+            raise ValueError("image_size: required for imagefolder (images of any size are resized to it)")
+        return self
+
+
+ValidationCheck = Literal[
+    "unreadable_files",
+    "non_image_files",
+    "min_per_class",
+    "class_imbalance",
+    "leakage",
+    "duplicates",
+    "channels",
+    "image_size",
+    "constant_images",
+    "labels",
+    "pixel_values",
+    "min_images",
+    "unseen_test_classes",
+    "shape",
+]
 
 
 class ValidateConfig(_Section):
     min_per_class: int = Field(2, ge=1)
+    min_train_images: int = Field(20, ge=1)
+    max_class_ratio: float = Field(10.0, ge=1.0)
+    max_duplicate_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    min_image_side: int = Field(8, ge=1)
+    max_image_side: int = Field(8192, ge=1)
     pixel_min: int = Field(0, ge=0, le=255)
     pixel_max: int = Field(255, ge=0, le=255)
+    warn_only: list[ValidationCheck] = Field(default_factory=list)
 
 
 class TrainConfig(_Section):

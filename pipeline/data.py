@@ -7,6 +7,8 @@ only and travel with the model, so serving preprocesses exactly like training.
 from __future__ import annotations
 
 import hashlib
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +16,11 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.sources import FILE_COLUMNS, load_raw
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+FILES = "files.csv"  # imagefolder only: every file found, its checksum, and where it went
 
 
 @dataclass(frozen=True)
@@ -26,20 +30,6 @@ class Dataset:
     x: np.ndarray
     y: np.ndarray
     classes: list[str]
-
-
-def load_digits() -> Dataset:
-    from sklearn.datasets import load_digits as sk_digits  # shipped inside scikit-learn: offline
-
-    d = sk_digits()
-    # Pixels are 0..16 intensities; scale to the 0..255 range every other source uses.
-    x = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    return Dataset(x=x, y=d.target.astype(np.int64), classes=[str(c) for c in d.target_names])
-
-
-def load_source(cfg: DataConfig) -> Dataset:
-    loaders = {"digits": load_digits}
-    return loaders[cfg.source]()
 
 
 def stratified_split(
@@ -60,49 +50,122 @@ def stratified_split(
     return {s: np.sort(np.concatenate(parts[s])) for s in SPLITS}
 
 
-def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of pixels scaled to [0, 1], in float64 so the figures are reproducible."""
-    flat = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
-    std = flat.std(axis=0)
-    return flat.mean(axis=0).round(6).tolist(), np.where(std > 0, std, 1.0).round(6).tolist()
+def channel_stats(x: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of pixels scaled to [0, 1], summed in float64 a chunk at a time so the
+    figures are reproducible and memory stays flat."""
+    c = x.shape[-1]
+    n, total, squares = 0, np.zeros(c), np.zeros(c)
+    for i in range(0, len(x), chunk):
+        flat = x[i : i + chunk].reshape(-1, c).astype(np.float64) / 255.0
+        n += len(flat)
+        total += flat.sum(axis=0)
+        squares += (flat * flat).sum(axis=0)
+    mean = total / max(n, 1)
+    std = np.sqrt(np.maximum(squares / max(n, 1) - mean * mean, 0.0))
+    return mean.round(6).tolist(), np.where(std > 0, std, 1.0).round(6).tolist()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def image_hashes(x: np.ndarray) -> list[str]:
     return [hashlib.blake2b(img.tobytes(), digest_size=16).hexdigest() for img in x]
 
 
-def content_hash(splits: dict[str, Dataset]) -> str:
-    """The data version: a digest of every array and the class list, in a fixed order."""
+def content_hash(prepared: Path, classes: list[str]) -> str:
+    """The data version: a digest of every array and the class list, in a fixed order. Arrays are read
+    through memory maps, so hashing a large dataset does not load it."""
     h = hashlib.sha256()
     for name in SPLITS:
-        part = splits[name]
-        for arr in (part.x, part.y):
+        for arr in (np.load(prepared / f"{name}_x.npy", mmap_mode="r"), np.load(prepared / f"{name}_y.npy")):
             h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
-            h.update(np.ascontiguousarray(arr).tobytes())
-    h.update("\n".join(splits["train"].classes).encode())
+            h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    h.update("\n".join(classes).encode())
     return h.hexdigest()
 
 
-def prepare(cfg: DataConfig, seed: int, out_dir: str | Path) -> dict:
-    ds = load_source(cfg)
-    idx = stratified_split(ds.y, cfg.val_fraction, cfg.test_fraction, seed)
-    splits = {s: Dataset(ds.x[i], ds.y[i], ds.classes) for s, i in idx.items()}
-    mean, std = channel_stats(splits["train"].x)
-    manifest = {
-        "source": cfg.source,
-        "classes": ds.classes,
-        "image_shape": list(ds.x.shape[1:]),
-        "dtype": str(ds.x.dtype),
-        "counts": {
-            s: {c: int((p.y == i).sum()) for i, c in enumerate(ds.classes)} for s, p in splits.items()
-        },
-        "normalization": {"mean": mean, "std": std},
-        "data_version": content_hash(splits),
-    }
+def assign_splits(
+    y: np.ndarray, fixed: np.ndarray, cfg: DataConfig, seed: int, keys: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Images a source pins to a split (official test sets, val/ and test/ folders) stay there; the rest
+    is split stratified, cutting only the splits the source did not provide. Images with equal `keys`
+    (content hashes) all follow the first of them, so copies in a folder never leak across splits."""
+    pool = np.flatnonzero(fixed == "")
+    cut = stratified_split(
+        y[pool],
+        0.0 if (fixed == "val").any() else cfg.val_fraction,
+        0.0 if (fixed == "test").any() else cfg.test_fraction,
+        seed,
+    )
+    where = np.empty(len(pool), dtype="<U5")
+    for name, i in cut.items():
+        where[i] = name
+    if keys is not None:
+        first: dict[str, str] = {}
+        for i, row in enumerate(pool):
+            where[i] = first.setdefault(keys[row], where[i])
+    split_of = fixed.astype("<U5")
+    split_of[pool] = where
+    return {s: np.flatnonzero(split_of == s) for s in SPLITS}
+
+
+def _save_rows(path: Path, x: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> None:
+    """x[idx] to a .npy file, a chunk at a time: a memory-mapped source is never loaded whole."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=x.dtype, shape=(len(idx), *x.shape[1:]))
+    for i in range(0, len(idx), chunk):
+        out[i : i + chunk] = x[idx[i : i + chunk]]
+    out.flush()
+    del out
+
+
+def _write_files_table(path: Path, files: list[dict], where: dict[int, tuple[str, int]]) -> None:
+    """One row per file found, with the split and row it ended up in (index -1: not used, see error)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FILE_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in files:
+            split, index = where.get(row["index"], (row["split"], -1))
+            writer.writerow({**row, "split": split, "index": index})
+
+
+def prepare(cfg: DataConfig, seed: int, out_dir: str | Path, data_root: str | Path | None = None) -> dict:
+    """Load `cfg.source` (files under `data_root`, default `cfg.root`), split it, and write the arrays,
+    the file table and the manifest into `out_dir` in one atomic step."""
     with atomic_dir(out_dir) as tmp:
-        for name, part in splits.items():
-            np.save(tmp / f"{name}_x.npy", part.x)
-            np.save(tmp / f"{name}_y.npy", part.y)
+        scratch = Path(tempfile.mkdtemp(dir=tmp))
+        raw = load_raw(cfg, Path(data_root or cfg.root), scratch)
+        idx = assign_splits(raw.y, raw.fixed, cfg, seed, image_hashes(raw.x))
+        for name, i in idx.items():
+            _save_rows(tmp / f"{name}_x.npy", raw.x, i)
+            np.save(tmp / f"{name}_y.npy", raw.y[i])
+        train_x = np.load(tmp / "train_x.npy", mmap_mode="r")
+        mean, std = channel_stats(train_x)
+        manifest = {
+            "source": cfg.source,
+            "classes": raw.classes,
+            "image_shape": list(raw.x.shape[1:]),
+            "dtype": str(raw.x.dtype),
+            "counts": {
+                s: {c: int((raw.y[i] == k).sum()) for k, c in enumerate(raw.classes)} for s, i in idx.items()
+            },
+            "normalization": {"mean": mean, "std": std},
+            "converted_channels": raw.converted_channels,
+        }
+        files = raw.files
+        del raw, train_x  # release the memory maps before their files go
+        shutil.rmtree(scratch)
+        if files:
+            where = {int(row): (s, pos) for s, i in idx.items() for pos, row in enumerate(i)}
+            _write_files_table(tmp / FILES, files, where)
+            manifest["files"] = {"table": FILES, "sha256": _sha256(tmp / FILES), "count": len(files)}
+        manifest["data_version"] = content_hash(tmp, manifest["classes"])
         write_json(tmp / MANIFEST, manifest)
     return manifest
 

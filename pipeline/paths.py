@@ -4,6 +4,7 @@ tests/code/test_consistency.py keeps the two in step."""
 PARAMS = "params.yaml"
 PREPARED_DIR = "data/prepared"
 VALIDATION_REPORT = "reports/validation.json"
+DATA_DOCS = "reports/data_docs"  # Great Expectations Data Docs (HTML) of the last validation
 MODEL_DIR = "models"
 TRAIN_REPORT = "reports/train.json"
 TRAIN_HISTORY = "plots/train_history.csv"

@@ -29,8 +29,12 @@ def _log(msg: str) -> None:
 
 def prepare(params: Params, root: Path) -> dict:
     from pipeline.data import prepare as prepare_data
+    from pipeline.sources import SourceError
 
-    manifest = prepare_data(params.data, params.seed, root / paths.PREPARED_DIR)
+    try:
+        manifest = prepare_data(params.data, params.seed, root / paths.PREPARED_DIR, root / params.data.root)
+    except SourceError as err:
+        raise StageFailed(str(err)) from None
     sizes = {s: sum(c.values()) for s, c in manifest["counts"].items()}
     _log(
         f"prepared {params.data.source}: {sizes}, shape {manifest['image_shape']}, "
@@ -40,20 +44,57 @@ def prepare(params: Params, root: Path) -> dict:
 
 
 def validate(params: Params, root: Path) -> dict:
-    from pipeline.validate import run_suite
+    from pipeline.io import atomic_dir
+    from pipeline.validate import DOCS_INDEX, run_suite
 
-    report = run_suite(root / paths.PREPARED_DIR, params.validate_)
-    write_json(root / paths.VALIDATION_REPORT, report)
+    with atomic_dir(root / paths.DATA_DOCS) as docs:
+        report = run_suite(root / paths.PREPARED_DIR, params.validate_, docs)
     n = len(report["checks"])
+    for warning in report["warnings"]:
+        _log(f"data validation warning (not blocking): {warning}")
     if not report["passed"]:
+        # A refused dataset never gets a training run, so its report gets an MLflow run of its own.
+        # (A passing one is attached to the training run: validate stays free of MLflow's import time.)
+        report["mlflow_run_id"] = _log_validation(params, root, report)
+        write_json(root / paths.VALIDATION_REPORT, report)
         lines = "\n".join(f"  - {f}" for f in report["failures"])
         raise StageFailed(
-            f"data validation failed ({len(report['failures'])} of {n} expectations); "
-            "nothing downstream runs:\n"
-            f"{lines}\nfull report: {paths.VALIDATION_REPORT}"
+            f"data validation failed ({len(report['failures'])} of {n} checks); nothing downstream runs:\n"
+            f"{lines}\nreports: {paths.VALIDATION_REPORT}, {paths.DATA_DOCS}/{DOCS_INDEX}, "
+            f"MLflow run {report['mlflow_run_id']}"
         )
-    _log(f"data validation passed: {n} expectations")
+    write_json(root / paths.VALIDATION_REPORT, report)
+    _log(f"data validation passed: {n} checks ({len(report['warnings'])} warnings)")
     return report
+
+
+def _attach_validation(root: Path) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(root / paths.VALIDATION_REPORT), "data_validation")
+    mlflow.log_artifacts(str(root / paths.DATA_DOCS), "data_validation/data_docs")
+
+
+def _log_validation(params: Params, root: Path, report: dict) -> str:
+    import mlflow
+
+    from pipeline import tracking
+
+    tracking.connect(params, root)
+    with mlflow.start_run(run_name=f"validate-{report['data_version'][:8]}") as run:
+        mlflow.set_tags(
+            {
+                "tollgate.stage": "validate",
+                "tollgate.data_version": report["data_version"],
+                "tollgate.validation": "failed",
+            }
+        )
+        mlflow.log_metrics(
+            {"validation_failures": len(report["failures"]), "validation_warnings": len(report["warnings"])}
+        )
+        write_json(root / paths.VALIDATION_REPORT, report)
+        _attach_validation(root)
+        return run.info.run_id
 
 
 def _csv(rows: list[dict]) -> str:
@@ -98,6 +139,7 @@ def train(params: Params, root: Path) -> dict:
                 "tollgate.git_dirty": str(dirty).lower(),
             }
         )
+        _attach_validation(root)
 
         def on_epoch(row: dict) -> None:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])

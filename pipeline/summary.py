@@ -46,7 +46,11 @@ def render(params: Params, root: Path) -> str:
         )
         out += [f"  - {f}" for f in validation["failures"]]
         return "\n".join(out)
-    out.append(f"validation  passed ({n} expectations)")
+    warnings = validation.get("warnings", [])
+    out.append(
+        f"validation  passed ({n} expectations, {len(warnings)} warnings; {paths.DATA_DOCS}/index.html)"
+    )
+    out += [f"  ! {w}" for w in warnings]
 
     train = read_report(root / paths.TRAIN_REPORT)
     metrics = read_report(root / paths.EVAL_METRICS)

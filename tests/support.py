@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -171,3 +173,39 @@ def model_client(project: Path):
 
     uri = f"sqlite:///{project / 'mlflow.db'}"
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# Per-class drawings with noise: learnable by a small CNN, never two images alike, none blank.
+PATTERNS = {
+    "left": lambda h, w: np.tile(np.arange(w) < w // 2, (h, 1)),
+    "top": lambda h, w: np.tile((np.arange(h) < h // 2)[:, None], (1, w)),
+    "ring": lambda h, w: np.hypot(*np.mgrid[-1 : 1 : h * 1j, -1 : 1 : w * 1j]) < 0.6,
+}
+
+
+def write_image(path: Path, label: str, size: tuple[int, int], mode: str, seed: int) -> Path:
+    """A real PNG (or JPEG, by suffix) of class `label`: its pattern plus noise, `size` = (width, height)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = PATTERNS[label](h, w) * 170.0 + rng.uniform(0, 80, (h, w))
+    pixels = np.clip(base, 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels, "L")
+    if mode == "RGB":
+        img = Image.merge("RGB", [img, img.point(lambda v: 255 - v // 2), img])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def write_image_folder(root: Path, per_class: int = 20, split: str = "", seed: int = 0) -> Path:
+    """`root/[split/]<class>/*.png` for every class in PATTERNS, in two sizes and both colour modes."""
+    for k, label in enumerate(PATTERNS):
+        for i in range(per_class):
+            size = (24, 20) if i % 2 else (32, 32)
+            mode = "RGB" if i % 3 == 0 else "L"
+            write_image(
+                root / split / label / f"{label}_{i:03d}.png", label, size, mode, seed * 10_000 + k * 1000 + i
+            )
+    return root

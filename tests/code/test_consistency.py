@@ -1,6 +1,7 @@
 """dvc.yaml, params.yaml and the code describe one pipeline; these tests keep them from drifting."""
 
 import ast
+import re
 from pathlib import Path
 
 import yaml
@@ -10,7 +11,20 @@ from pipeline.cli import STAGES
 from pipeline.config import load_params
 from tests.support import ROOT
 
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _resolve(text: str) -> str:
+    """dvc.yaml's ${section.key} templating, filled from params.yaml as DVC does."""
+    for match in re.findall(r"\$\{([\w.]+)\}", text):
+        node = PARAMS
+        for part in match.split("."):
+            node = node[part]
+        text = text.replace("${" + match + "}", str(node))
+    return text
+
+
+DVC = yaml.safe_load(_resolve((ROOT / "dvc.yaml").read_text()))
 
 
 def _out_paths(stage: dict) -> set[str]:

@@ -1,0 +1,93 @@
+"""Sources other than the embedded digits: the real MNIST files through torchvision, and image folders."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+
+import numpy as np
+import pytest
+
+from pipeline import stages
+from pipeline.config import DataConfig, ValidateConfig, load_params
+from pipeline.data import FILES, load_split, prepare, read_manifest
+from pipeline.validate import run_suite
+from tests.support import ROOT, write_image_folder
+
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory):
+    """torchvision's layout (<root>/MNIST/raw/*.gz) over the shared original files, read-only."""
+    if not MNIST.is_dir():
+        pytest.skip(f"the real MNIST files are not at {MNIST}")
+    root = tmp_path_factory.mktemp("mnist")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in MNIST.glob("*.gz"):
+        (raw / gz.name).symlink_to(gz)
+    return root
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_mnist_offline_from_original_files_keeps_the_official_test_set(mnist_root, tmp_path):
+    cfg = DataConfig(source="mnist", root=str(mnist_root))
+    manifest = prepare(cfg, 42, tmp_path / "a")
+    assert manifest["image_shape"] == [28, 28, 1]
+    assert sum(manifest["counts"]["test"].values()) == 10_000
+    assert sum(manifest["counts"]["train"].values()) + sum(manifest["counts"]["val"].values()) == 60_000
+    for c in manifest["classes"]:  # val is cut per class from the training set
+        n = manifest["counts"]["train"][c] + manifest["counts"]["val"][c]
+        assert manifest["counts"]["val"][c] == round(0.15 * n)
+    test = load_split(tmp_path / "a", "test")
+    assert np.bincount(test.y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    report = run_suite(tmp_path / "a", ValidateConfig())
+    assert report["passed"], report["failures"]
+    prepare(cfg, 42, tmp_path / "b")
+    assert _digest(tmp_path / "b") == _digest(tmp_path / "a")
+
+
+def test_a_missing_dataset_with_download_off_fails_with_what_to_do(tmp_path):
+    params = load_params(ROOT / "params.yaml").model_copy(
+        update={"data": DataConfig(source="fashion_mnist", root="nowhere")}
+    )
+    with pytest.raises(stages.StageFailed, match="fashion_mnist not found under .*set data.download: true"):
+        stages.prepare(params, tmp_path)
+    assert not (tmp_path / "data" / "prepared").exists()
+
+
+def test_imagefolder_resizes_converts_and_lists_every_file_with_its_checksum(tmp_path):
+    root = write_image_folder(tmp_path / "images", per_class=10)
+    (root / "left" / "readme.txt").write_text("not an image")
+    cfg = DataConfig(source="imagefolder", root=str(root), image_size=[12, 10], channels=1)
+    manifest = prepare(cfg, 0, tmp_path / "prepared")
+    assert manifest["classes"] == ["left", "ring", "top"] and manifest["image_shape"] == [12, 10, 1]
+    with open(tmp_path / "prepared" / FILES) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == manifest["files"]["count"] == 31
+    for row in rows:
+        assert row["sha256"] == hashlib.sha256((root / row["path"]).read_bytes()).hexdigest()
+    assert [r["path"] for r in rows if r["index"] == "-1"] == ["left/readme.txt"]
+    # each used file points at its row in its split: the arrays hold exactly those images, in that order
+    for split in ("train", "val", "test"):
+        part = load_split(tmp_path / "prepared", split)
+        used = sorted((int(r["index"]), r["class"]) for r in rows if r["split"] == split)
+        assert [c for _, c in used] == [part.classes[k] for k in part.y]
+    again = prepare(cfg, 0, tmp_path / "again")
+    assert _digest(tmp_path / "again") == _digest(tmp_path / "prepared")
+    assert again["data_version"] == read_manifest(tmp_path / "prepared")["data_version"]
+
+
+def test_explicit_split_folders_are_honoured(tmp_path):
+    root = tmp_path / "images"
+    write_image_folder(root, per_class=10, split="train")
+    write_image_folder(root, per_class=3, split="test", seed=1)
+    manifest = prepare(DataConfig(source="imagefolder", root=str(root), image_size=[8, 8]), 0, tmp_path / "p")
+    assert manifest["counts"]["test"] == {"left": 3, "ring": 3, "top": 3}
+    assert manifest["counts"]["val"] == {"left": 2, "ring": 2, "top": 2}  # cut from train/, not from test/
+    with open(tmp_path / "p" / FILES) as f:
+        assert all(r["path"].startswith("test/") == (r["split"] == "test") for r in csv.DictReader(f))
