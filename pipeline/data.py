@@ -84,7 +84,7 @@ def content_hash(prepared: Path, classes: list[str]) -> str:
     for name in SPLITS:
         for arr in (np.load(prepared / f"{name}_x.npy", mmap_mode="r"), np.load(prepared / f"{name}_y.npy")):
             h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
-            h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+            h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
     h.update("\n".join(classes).encode())
     return h.hexdigest()
 
@@ -116,6 +116,9 @@ def assign_splits(
 
 def _save_rows(path: Path, x: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> None:
     """x[idx] to a .npy file, a chunk at a time: a memory-mapped source is never loaded whole."""
+    if len(idx) == 0:  # an empty split cannot be memory-mapped; validation reports it
+        np.save(path, np.empty((0, *x.shape[1:]), dtype=x.dtype))
+        return
     out = np.lib.format.open_memmap(path, mode="w+", dtype=x.dtype, shape=(len(idx), *x.shape[1:]))
     for i in range(0, len(idx), chunk):
         out[i : i + chunk] = x[idx[i : i + chunk]]
