@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("samples", help="write test-split images as PNG files to send to the server")
     sm.add_argument("--out", default="samples")
     sm.add_argument("-n", type=int, default=5)
+    pr = sub.add_parser("profile", help="print the `dvc exp run` arguments that apply a params profile")
+    pr.add_argument("file", help="e.g. profiles/mnist-cpu.yaml")
     f = sub.add_parser("flow", help="run the Prefect training-pipeline flow (same stages, through DVC)")
     f.add_argument("--force", action="store_true", help="re-run every stage even if its inputs are unchanged")
     return p
@@ -69,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in write_samples(root, Path(args.out), args.n):
                 print(path)
+        elif args.command == "profile":
+            import shlex
+
+            from pipeline.config import load_profile, set_param_args
+
+            print(shlex.join(set_param_args(load_profile(args.file, root / "params.yaml"))))
         elif args.command == "flow":
             from flows.pipeline import training_pipeline
 

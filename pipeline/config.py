@@ -67,15 +67,31 @@ class ValidateConfig(_Section):
 
 
 class TrainConfig(_Section):
-    arch: Literal["small_cnn"] = "small_cnn"
+    arch: Literal["small_cnn", "resnet18"] = "small_cnn"
     width: int = Field(32, ge=1)
     epochs: int = Field(15, ge=0)
     batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(3e-3, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["onecycle", "cosine"] = "onecycle"
+    warmup: float = Field(0.3, ge=0.0, lt=1.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    shift_pixels: int = Field(0, ge=0)
+    flip: bool = False
+    early_stopping: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    deterministic: bool = False
     threads: int = Field(0, ge=0)
+    in_memory_mb: int = Field(4096, ge=0)
+    loader_workers: int = Field(2, ge=0)
+    nproc_per_node: int = Field(1, ge=1)
+    torchrun_args: list[str] = Field(default_factory=list)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 
 class EvaluateConfig(_Section):
@@ -190,3 +206,40 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     return parse_params(raw, str(path))
+
+
+def with_overrides(raw: dict, overrides: dict[str, object], source: str = "overrides") -> dict:
+    """A copy of the params mapping `raw` with dotted keys set (`train.lr: 0.1`), as `dvc exp run
+    --set-param` does; the result is checked like params.yaml, so a mistyped key fails by name."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {dotted}: {key} is not a section")
+        node[leaf] = value
+    parse_params(out, source)
+    return out
+
+
+def load_profile(path: str | Path, params_path: str | Path = "params.yaml") -> dict[str, object]:
+    """A profile file: params.yaml overrides as dotted keys, checked against the params file."""
+    path = Path(path)
+    overrides = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path} must map dotted keys (train.lr) to values")
+    with_overrides(yaml.safe_load(Path(params_path).read_text()) or {}, overrides, str(path))
+    return overrides
+
+
+def set_param_args(overrides: dict[str, object]) -> list[str]:
+    """`dvc exp run` arguments setting these values; JSON is YAML, so lists and numbers keep their types."""
+    return [
+        arg
+        for key, value in overrides.items()
+        for arg in ("-S", f"{key}={value if isinstance(value, str) else json.dumps(value)}")
+    ]

@@ -15,5 +15,6 @@ GATE_REPORT = "reports/gate.json"
 GATE_MARKDOWN = "reports/gate.md"
 REGISTRATION = "reports/registration.json"
 PROMOTION = "reports/promotion.json"
+TRAIN_CHECKPOINT = ".tollgate/checkpoints/train.pt"  # while training runs; removed once models/ is written
 SERVER_STATE = ".tollgate/server.json"
 KSERVE_MANIFEST = "deploy/kserve-inferenceservice.yaml"  # written by the kserve target, applied by people

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -107,6 +108,46 @@ def _csv(rows: list[dict]) -> str:
 
 
 def train(params: Params, root: Path) -> dict:
+    cfg = params.train
+    if cfg.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        return _train_under_torchrun(params, root)
+    import torch
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        backend = cfg.backend if cfg.backend != "auto" else "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    try:
+        return _train(params, root)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _train_under_torchrun(params: Params, root: Path) -> dict:
+    """Re-run this stage as `torchrun ... -m pipeline.cli train`: the workers see LOCAL_RANK and train."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={params.train.nproc_per_node}",
+        *params.train.torchrun_args,
+        "-m",
+        "pipeline.cli",
+        "train",
+    ]
+    _log("launching " + " ".join(cmd[1:]))
+    if subprocess.run(cmd, cwd=root).returncode != 0:
+        raise StageFailed(f"distributed training failed ({' '.join(cmd[1:])}); see the worker logs above")
+    return read_json(root / paths.TRAIN_REPORT)
+
+
+def _train(params: Params, root: Path) -> dict:
+    from importlib.metadata import version
+
     import mlflow
     import torch
 
@@ -114,32 +155,48 @@ def train(params: Params, root: Path) -> dict:
     from pipeline import tracking
     from pipeline.data import load_split, read_manifest
     from pipeline.io import atomic_dir
+    from pipeline.train import fingerprint, load_checkpoint, world
     from pipeline.train import train as fit
 
+    rank, world_size = world()
     prepared = root / paths.PREPARED_DIR
     manifest = read_manifest(prepared)
     meta = model_io.make_meta(params.train.arch, params.train.width, manifest)
     meta["params_hash"] = params.section_hash("seed", "data", "train")
+    checkpoint = root / paths.TRAIN_CHECKPOINT
+    resumable = load_checkpoint(checkpoint, fingerprint(params.train, params.seed, meta, world_size))
+    run_id = resumable["extra"].get("run_id") if resumable else None
+    train_set, val_set = load_split(prepared, "train"), load_split(prepared, "val")
+    if rank != 0:  # other processes train their share; rank 0 alone logs and writes outputs
+        fit(params.train, params.seed, train_set, val_set, meta, checkpoint=checkpoint)
+        return {}
+
     tracking.connect(params, root)
     commit, dirty = tracking.git_state(root)
-
-    with mlflow.start_run(run_name=f"train-{manifest['data_version'][:8]}") as run:
-        mlflow.log_params(
-            {
-                "seed": params.seed,
-                "data.source": manifest["source"],
-                **{f"train.{k}": v for k, v in params.train.model_dump().items()},
-            }
-        )
+    with mlflow.start_run(run_id=run_id, run_name=f"train-{manifest['data_version'][:8]}") as run:
+        if resumable is None:
+            mlflow.log_params(
+                {
+                    "seed": params.seed,
+                    "data.source": manifest["source"],
+                    **{f"train.{k}": v for k, v in params.train.model_dump().items()},
+                }
+            )
+            _attach_validation(root)
+        else:
+            _log(f"resuming from the checkpoint after epoch {resumable['epoch']} (MLflow run {run_id})")
         mlflow.set_tags(
             {
                 "tollgate.data_version": manifest["data_version"],
                 "tollgate.params_hash": meta["params_hash"],
                 "tollgate.git_commit": commit,
                 "tollgate.git_dirty": str(dirty).lower(),
+                "tollgate.world_size": str(world_size),
+                "tollgate.torch": torch.__version__,
+                "tollgate.torchvision": version("torchvision"),  # its import costs ~2 s; no need here
+                "tollgate.cpu_count": str(os.cpu_count()),
             }
         )
-        _attach_validation(root)
 
         def on_epoch(row: dict) -> None:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
@@ -153,23 +210,32 @@ def train(params: Params, root: Path) -> dict:
         result = fit(
             params.train,
             params.seed,
-            load_split(prepared, "train"),
-            load_split(prepared, "val"),
+            train_set,
+            val_set,
             meta,
             on_epoch,
+            checkpoint=checkpoint,
+            extra_state={"run_id": run.info.run_id},
         )
         wall = time.perf_counter() - start
         with atomic_dir(root / paths.MODEL_DIR) as tmp:
             model_io.save(result.model.cpu(), meta, tmp)
+        # The model is in place: the checkpoint has done its job, and a later run must start afresh.
+        checkpoint.unlink(missing_ok=True)
         write_text(root / paths.TRAIN_HISTORY, _csv(result.history))
-        mlflow.log_artifact(str(root / paths.TRAIN_HISTORY))
-        mlflow.set_tags({"tollgate.device": result.device, "tollgate.torch": torch.__version__})
+        # MLflow charts the per-epoch metrics itself; the CSV is the same curves as a file (and the DVC plot).
+        mlflow.log_artifact(str(root / paths.TRAIN_HISTORY), "training")
+        mlflow.set_tags({"tollgate.device": result.device, "tollgate.best_epoch": str(result.best_epoch)})
         last = result.history[-1] if result.history else {}
         report = {
             "run_id": run.info.run_id,
             "device": result.device,
+            "world_size": world_size,
             "epochs": len(result.history),
+            "best_epoch": result.best_epoch,
+            "resumed_from": result.resumed_from,
             "wall_s": round(wall, 3),
+            "images_per_s": round(float(np.mean([r["images_per_s"] for r in result.history] or [0.0])), 1),
             "val_accuracy": last.get("val_accuracy"),
             "val_loss": last.get("val_loss"),
         }

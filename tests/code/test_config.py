@@ -2,7 +2,15 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from pipeline.config import ConfigError, Params, load_params, parse_params
+from pipeline.config import (
+    ConfigError,
+    Params,
+    load_params,
+    load_profile,
+    parse_params,
+    set_param_args,
+    with_overrides,
+)
 from tests.support import ROOT
 
 
@@ -59,3 +67,21 @@ def test_cli_reports_a_bad_key_and_exits_2(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["prepare"]) == 2
     assert "train.epoch: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("profile", sorted((ROOT / "profiles").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_profile_is_valid_against_params_yaml(profile):
+    overrides = load_profile(profile, ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = parse_params(with_overrides(raw, overrides))
+    assert params.data.source == overrides["data.source"]
+
+
+def test_overrides_use_dvc_set_param_semantics_and_reject_unknown_keys():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert with_overrides(raw, {"train.lr": 0.1})["train"]["lr"] == 0.1
+    assert raw["train"]["lr"] != 0.1  # the original mapping is left alone
+    with pytest.raises(ConfigError, match="train.lrr: unknown key"):
+        with_overrides(raw, {"train.lrr": 0.1})
+    args = set_param_args({"train.lr": 0.1, "data.source": "mnist", "train.torchrun_args": ["--nnodes=2"]})
+    assert args == ["-S", "train.lr=0.1", "-S", "data.source=mnist", "-S", 'train.torchrun_args=["--nnodes=2"]']

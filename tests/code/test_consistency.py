@@ -46,6 +46,7 @@ def test_every_output_path_is_one_the_code_writes():
     code_paths = {v for k, v in vars(paths).items() if k.isupper()} - {
         paths.PARAMS,
         paths.SERVER_STATE,
+        paths.TRAIN_CHECKPOINT,
         paths.KSERVE_MANIFEST,
     }
     assert declared == code_paths

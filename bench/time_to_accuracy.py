@@ -1,0 +1,92 @@
+"""Time to accuracy of the train stage: wall time of `tollgate train` (its own process, imports, MLflow
+logging and checkpoints included), epochs, test accuracy and images/s, for a params profile.
+
+    .venv/bin/python bench/time_to_accuracy.py                        # MNIST on CPU (profiles/mnist-cpu.yaml)
+    .venv/bin/python bench/time_to_accuracy.py --profile profiles/cifar10-gpu.yaml --files DIR
+
+Targets (issue 4): MNIST on 2 CPU cores >= 99.0 % in <= 37 s; CIFAR-10 on one H100/H200 >= 94 % in <= 10 s.
+`--files` holds the source's original files: the four MNIST .gz files, or cifar-10-python.tar.gz (or its
+unpacked cifar-10-batches-py). On CUDA it also prints model FLOPs and MFU against the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.config import load_profile  # noqa: E402
+from tests.support import ROOT, make_project, run, set_param, tool_env  # noqa: E402
+
+# Dense bf16 tensor-core peak (FLOP/s) by device name, for MFU.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def link_files(project: Path, source: str, files: Path) -> None:
+    raw = project / "data" / "raw"
+    target = raw / "MNIST" / "raw" if source == "mnist" else raw / "FashionMNIST" / "raw"
+    if source == "cifar10":
+        target = raw
+    target.mkdir(parents=True, exist_ok=True)
+    for f in sorted(files.resolve().iterdir()):
+        if f.suffix == ".gz" or f.name.startswith("cifar-10"):
+            (target / f.name).symlink_to(f)
+
+
+def test_accuracy_and_flops(project: Path) -> tuple[float, float]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline import model as model_io
+    from pipeline.data import load_split
+
+    model, meta = model_io.load(project / "models")
+    test = load_split(project / "data" / "prepared", "test")
+    accuracy = float((model_io.predict_proba(model, test.x).argmax(1).numpy() == test.y).mean())
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *meta["input_shape"], dtype=torch.uint8))
+    return accuracy, counter.get_total_flops()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", type=Path, default=ROOT / "profiles" / "mnist-cpu.yaml")
+    ap.add_argument("--files", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
+    args = ap.parse_args()
+    overrides = load_profile(args.profile, ROOT / "params.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        project = make_project(Path(tmp) / "project")
+        for key, value in overrides.items():
+            set_param(project, key, value)
+        link_files(project, overrides["data.source"], args.files)
+        run(["tollgate", "prepare"], cwd=project)
+        run(["tollgate", "validate"], cwd=project)
+        start = time.perf_counter()
+        subprocess.run(["tollgate", "train"], cwd=project, env=tool_env(), check=True)
+        wall = time.perf_counter() - start
+        report = json.loads((project / "reports" / "train.json").read_text())
+        accuracy, flops = test_accuracy_and_flops(project)
+    print(f"profile        {args.profile.name}")
+    print(f"device         {report['device']} (x{report['world_size']})")
+    print(f"train stage    {wall:.1f} s wall (training loop {report['wall_s']:.1f} s)")
+    print(f"epochs         {report['epochs']}")
+    print(f"test accuracy  {accuracy:.4f}")
+    print(f"images/s       {report['images_per_s']:.0f} (training, mean over epochs)")
+    print(f"model          {flops / 1e6:.1f} MFLOP per image forward")
+    if report["device"].startswith("cuda"):
+        import torch
+
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        achieved = 3 * flops * report["images_per_s"]  # forward + backward ~ 3x forward
+        mfu = f"{achieved / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "unknown peak"
+        print(f"MFU            {achieved / 1e12:.1f} TFLOP/s = {mfu} ({name})")
+
+
+if __name__ == "__main__":
+    main()

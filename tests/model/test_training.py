@@ -1,0 +1,93 @@
+"""The training loop's options on the real digits: each must change what it claims and nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import model as model_io
+from pipeline.config import TrainConfig
+from pipeline.data import load_split, read_manifest
+from pipeline.train import augment, train
+
+
+@pytest.fixture(scope="module")
+def splits(prepared_digits):
+    return load_split(prepared_digits, "train"), load_split(prepared_digits, "val")
+
+
+def _fit(prepared_digits, splits, arch="small_cnn", **cfg):
+    meta = model_io.make_meta(arch, 8, read_manifest(prepared_digits))
+    options = {"width": 8, "epochs": 3, "threads": 1, **cfg}
+    return train(TrainConfig(arch=arch, **options), 0, *splits, meta)
+
+
+def test_streaming_from_disk_trains_the_same_model_as_in_memory(prepared_digits, splits):
+    in_memory = _fit(prepared_digits, splits)
+    streamed = _fit(prepared_digits, splits, in_memory_mb=0, loader_workers=1)
+    for a, b in zip(in_memory.model.state_dict().values(), streamed.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_gpu_less_machine_never_calls_cuda_only_apis(prepared_digits, splits, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+
+    def cuda_only(*args, **kwargs):
+        raise AssertionError("a CUDA-only API was called on a machine without a GPU")
+
+    for name in ("set_device", "synchronize", "current_device", "get_device_name", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, cuda_only)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = _fit(prepared_digits, splits, epochs=1, precision="auto", channels_last="auto")
+    assert result.device == "cpu"
+    assert not torch.backends.cudnn.benchmark
+
+
+def test_gpu_speed_paths_run_on_cpu_bf16_channels_last_compile(prepared_digits, splits):
+    result = _fit(
+        prepared_digits, splits, epochs=2, precision="bf16", channels_last="on", compile=True, lr=0.01
+    )
+    assert result.history[-1]["val_accuracy"] > 0.5
+    assert result.model.net.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_resnet18_adapted_to_small_images_learns_and_round_trips(prepared_digits, splits, tmp_path):
+    result = _fit(prepared_digits, splits, arch="resnet18", epochs=3, batch_size=64, threads=2)
+    assert result.history[-1]["val_accuracy"] > 0.7
+    assert isinstance(result.model.net.maxpool, torch.nn.Identity)
+    meta = model_io.make_meta("resnet18", 8, read_manifest(prepared_digits))
+    model_io.save(result.model, meta, tmp_path)
+    loaded, _ = model_io.load(tmp_path)
+    x = np.asarray(splits[1].x[:32])
+    assert torch.equal(model_io.predict_proba(loaded, x), model_io.predict_proba(result.model, x))
+
+
+def test_sgd_nesterov_with_cosine_schedule_learns_and_anneals(prepared_digits, splits):
+    result = _fit(prepared_digits, splits, optimizer="sgd", schedule="cosine", lr=0.05, epochs=4)
+    assert result.history[-1]["val_accuracy"] > 0.9
+    lrs = [row["lr"] for row in result.history]
+    assert lrs[0] > lrs[-1] and lrs[-1] < 0.01 * 0.05 + 1e-9
+
+
+def test_early_stopping_stops_and_keeps_the_best_epoch(prepared_digits, splits):
+    # A learning rate that diverges after the first epochs: val loss stops improving quickly.
+    result = _fit(prepared_digits, splits, epochs=30, early_stopping=2, lr=0.3, schedule="cosine", warmup=0.0)
+    assert len(result.history) < 30
+    best = min(result.history, key=lambda r: r["val_loss"])
+    assert result.best_epoch == best["epoch"] and len(result.history) == best["epoch"] + 2
+
+
+def test_augmentation_shifts_and_flips_whole_batches_on_the_device():
+    x = torch.arange(2 * 4 * 4, dtype=torch.uint8).reshape(2, 4, 4, 1) + 1
+    gen = torch.Generator().manual_seed(0)
+    shifted = augment(x, TrainConfig(shift_pixels=1), gen)
+    assert shifted.shape == x.shape and shifted.dtype == torch.uint8
+    for img, out in zip(x, shifted, strict=True):  # a translation: every kept pixel appears in the source
+        kept = out[out > 0]
+        assert set(kept.tolist()) <= set(img.flatten().tolist()) and len(kept) >= 9
+    flipped = augment(x.repeat(32, 1, 1, 1), TrainConfig(flip=True), gen)
+    n_flipped = sum(torch.equal(f, x[i % 2].flip(1)) for i, f in enumerate(flipped))
+    assert 8 < n_flipped < 56
+    assert torch.equal(augment(x, TrainConfig(), gen), x)

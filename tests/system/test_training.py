@@ -1,0 +1,111 @@
+"""The train stage as DVC runs it (`tollgate train`, its own process): killed with SIGKILL mid-way and
+re-run, it must finish exactly like an uninterrupted run; under torchrun with two gloo processes it must
+train a model as good as one process does, logged once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import model as model_io
+from pipeline import paths
+from pipeline.data import load_split
+from tests.support import make_project, model_client, run, set_param, tool_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A fresh copy of the repo with prepared and validated digits, and one uninterrupted training."""
+    project = make_project(tmp_path_factory.mktemp("training") / "project")
+    run(["dvc", "repro", "validate"], cwd=project)
+    run(["tollgate", "train"], cwd=project)
+    reference = project.parent / "reference"
+    shutil.copytree(project / paths.MODEL_DIR, reference / "models")
+    shutil.copy(project / paths.TRAIN_REPORT, reference / "train.json")
+    return project
+
+
+def _weights(folder):
+    return torch.load(folder / model_io.WEIGHTS, weights_only=True)
+
+
+def _test_accuracy(model_dir, project) -> float:
+    model, _ = model_io.load(model_dir)
+    test = load_split(project / paths.PREPARED_DIR, "test")
+    return float((model_io.predict_proba(model, test.x).argmax(1).numpy() == test.y).mean())
+
+
+def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(project):
+    reference = project.parent / "reference"
+    shutil.rmtree(project / paths.MODEL_DIR)
+    proc = subprocess.Popen(
+        ["tollgate", "train"], cwd=project, env=tool_env(), stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    for line in proc.stdout:
+        if line.startswith("[tollgate] epoch 5/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # Nothing DVC or the registry could take for a finished model; the checkpoint is there to resume.
+    assert not (project / paths.MODEL_DIR).exists()
+    assert (project / paths.TRAIN_CHECKPOINT).exists()
+    killed_run = torch.load(project / paths.TRAIN_CHECKPOINT, weights_only=True)["extra"]["run_id"]
+
+    out = run(["tollgate", "train"], cwd=project).stdout
+    assert "resuming from the checkpoint after epoch" in out
+    report = json.loads((project / paths.TRAIN_REPORT).read_text())
+    expected = json.loads((reference / "train.json").read_text())
+    assert report["resumed_from"] >= 5 and report["run_id"] == killed_run
+    assert report["val_loss"] == pytest.approx(expected["val_loss"], abs=1e-6)
+    assert report["val_accuracy"] == expected["val_accuracy"]
+    for name, tensor in _weights(reference / "models").items():
+        torch.testing.assert_close(_weights(project / paths.MODEL_DIR)[name], tensor, rtol=1e-5, atol=1e-6)
+    assert not (project / paths.TRAIN_CHECKPOINT).exists()  # finished: the next run starts afresh
+    steps = {m.step for m in model_client(project).get_metric_history(killed_run, "val_loss")}
+    assert steps == set(range(1, report["epochs"] + 1))  # one continuous history in one MLflow run
+
+
+def test_a_checkpoint_from_other_settings_is_not_resumed(project):
+    shutil.rmtree(project / paths.MODEL_DIR)
+    proc = subprocess.Popen(
+        ["tollgate", "train"], cwd=project, env=tool_env(), stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    for line in proc.stdout:
+        if line.startswith("[tollgate] epoch 3/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    set_param(project, "train.lr", 0.002)
+    out = run(["tollgate", "train"], cwd=project).stdout
+    assert "resuming" not in out
+    assert json.loads((project / paths.TRAIN_REPORT).read_text())["resumed_from"] == 0
+    set_param(project, "train.lr", 0.003)
+
+
+def test_two_gloo_processes_under_torchrun_train_as_well_as_one(project):
+    reference = project.parent / "reference"
+    client = model_client(project)
+    experiment = client.get_experiment_by_name("tollgate").experiment_id
+    runs_before = len(client.search_runs([experiment]))
+    set_param(project, "train.nproc_per_node", 2)
+    out = run(["tollgate", "train"], cwd=project)
+    assert "torch.distributed.run --nproc-per-node=2" in out.stdout + out.stderr
+    report = json.loads((project / paths.TRAIN_REPORT).read_text())
+    assert report["world_size"] == 2
+    single = _test_accuracy(reference / "models", project)
+    ddp = _test_accuracy(project / paths.MODEL_DIR, project)
+    assert single > 0.95 and abs(ddp - single) <= 0.02
+    runs = client.search_runs([experiment])
+    assert len(runs) == runs_before + 1  # rank 0 alone logs
+    assert runs[0].data.tags["tollgate.world_size"] == "2"
+    set_param(project, "train.nproc_per_node", 1)
+    assert np.isfinite(report["val_loss"])
