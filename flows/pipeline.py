@@ -1,25 +1,33 @@
-"""The `training-pipeline` Prefect flow: the dvc.yaml stages, one task each, through DVC's Python API.
+"""Prefect flows: `training-pipeline` (the dvc.yaml stages, one task each, through DVC's Python API),
+`promote` and `rollback` (the CLI's code), with what a scheduled, unattended run needs around them.
 
 DVC decides what is stale and writes dvc.lock exactly as `dvc repro` does, so a scheduled run and a
-command-line run leave the same artifacts and lineage. Prefect adds retries where a retry can help,
-per-stage timing in the UI, and a final state whose message says what happened.
+command-line run leave the same artifacts and lineage. Prefect adds retries with backoff where a retry can
+help (`flow.retries` in params.yaml), a timeout per stage, artifacts for the UI, a final state whose message
+says what happened, and a notification when a run fails or its candidate is rejected. One run at a time
+per checkout: a file lock (`.tollgate/pipeline.lock`) makes a second run wait; the deployments in
+prefect.yaml also set a concurrency limit of 1, so the server does not even start a second one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import threading
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
 from prefect.states import Completed, Failed
+from prefect.tasks import exponential_backoff
 
 from pipeline import paths
 from pipeline.cli import STAGES
+from pipeline.config import FlowConfig, load_params
 from pipeline.io import read_report
 
-# A retry helps where the stage talks to something that can blip (the tracking server, the serving
-# target, a busy device); re-running prepare or validate on the same bytes gives the same answer.
-RETRIES = {"train": 1, "register": 2, "promote": 2}
+PIPELINE_LOCK = ".tollgate/pipeline.lock"
 
 
 class StageError(RuntimeError):
@@ -39,16 +47,57 @@ def _cause(stage: str, root: Path) -> str:
     return f"stage {stage} failed (see its output above)"
 
 
-def run_stage(stage: str, root: str, force: bool = False) -> bool:
+@contextlib.contextmanager
+def _deadline(seconds: float | None) -> Any:
+    """Stop the stage's processes once `seconds` have passed. DVC runs the stage command as a child of this
+    process and waits for it; killing it makes DVC report the stage as failed, as after a crash, and the
+    previous outputs stay in place (every stage writes atomically). Only processes started after entry
+    are touched: whatever else this process runs (a Prefect test server, say) is not the stage."""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    fired = threading.Event()
+
+    def expire() -> None:
+        fired.set()
+        for child in me.children(recursive=True):
+            if child.pid not in before:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+
+    timer = threading.Timer(seconds, expire) if seconds else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield fired
+    finally:
+        if timer:
+            timer.cancel()
+
+
+class StageTimeout(StageError):
+    """Retrying a stage that ran out of time would only spend the same time again."""
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    return not isinstance(state.result(raise_on_failure=False), StageTimeout)
+
+
+def run_stage(stage: str, root: str, force: bool = False, timeout_s: float | None = None) -> bool:
     """Reproduce one stage if DVC finds it stale; True if it ran."""
     from dvc.exceptions import ReproductionError
     from dvc.repo import Repo
 
     # DVC resolves outputs against the working directory, as `dvc repro` run in the project does.
-    with contextlib.chdir(root), Repo(root) as repo:
+    with contextlib.chdir(root), Repo(root) as repo, _deadline(timeout_s) as expired:
         try:
             ran = repo.reproduce(stage, single_item=True, force=force)
         except ReproductionError:
+            if expired.is_set():
+                msg = f"stage {stage} timed out after {timeout_s:g} s (flow.timeout_s)"
+                raise StageTimeout(msg) from None
             raise StageError(_cause(stage, Path(root))) from None
     return bool(ran)
 
@@ -93,30 +142,139 @@ def outcome(root: Path) -> str:
     return promotion.get("reason", "no promotion recorded")
 
 
+def set_params(root: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Write `overrides` (dotted keys) into params.yaml the way `dvc exp run --set-param` does: in place,
+    comments kept, checked first. dvc.lock then records exactly the values the run used."""
+    import yaml
+    from dvc.utils.serialize import modify_yaml
+
+    from pipeline.config import with_overrides
+
+    path = root / paths.PARAMS
+    with_overrides(yaml.safe_load(path.read_text()) or {}, overrides, "flow parameters")
+    with modify_yaml(path) as data:
+        for dotted, value in overrides.items():
+            *parents, leaf = dotted.split(".")
+            node = data
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+    return overrides
+
+
+def notify(cfg: FlowConfig, text: str) -> None:
+    """Tell people a run needs attention: a webhook (`flow.notify_url`), a Prefect notification block
+    (`flow.notify_block`), both or neither. A notification that cannot be sent is logged, never fatal."""
+    from prefect.logging import get_run_logger
+
+    logger = get_run_logger()
+    if cfg.notify_url:
+        import urllib.request
+
+        body = json.dumps({"text": text}).encode()
+        req = urllib.request.Request(cfg.notify_url, body, {"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=10).close()
+        except OSError as err:
+            logger.warning(f"notification to {cfg.notify_url} failed: {err}")
+    if cfg.notify_block:
+        from prefect.blocks.core import Block
+
+        try:
+            Block.load(cfg.notify_block).notify(text, subject="tollgate")
+        except Exception as err:  # a missing or misconfigured block must not hide the run's own outcome
+            logger.warning(f"notification through block {cfg.notify_block} failed: {err}")
+
+
+def _link_mlflow(root: Path) -> None:
+    """The registered version and its MLflow run, as a link when the tracking server has a web UI."""
+    from prefect.artifacts import create_link_artifact
+
+    reg = read_report(root / paths.REGISTRATION)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or load_params(root / paths.PARAMS).mlflow.tracking_uri
+    if reg.get("registered") and uri.startswith("http"):
+        create_link_artifact(
+            key="mlflow-run",
+            link=f"{uri.rstrip('/')}/#/models/{reg['name']}/versions/{reg['version']}",
+            link_text=f"{reg['name']} v{reg['version']} (run {reg['run_id']})",
+        )
+
+
 @flow(name="training-pipeline", log_prints=True)
-def training_pipeline(root: str = ".", force: bool = False):
-    """prepare → validate → train → evaluate → register → promote, skipping what DVC finds unchanged."""
+def training_pipeline(root: str = ".", force: bool = False, params: dict[str, Any] | None = None):
+    """prepare → validate → train → evaluate → register → promote, skipping what DVC finds unchanged.
+    `params` overrides params.yaml values (dotted keys, `dvc exp run --set-param` semantics)."""
+    from filelock import FileLock, Timeout
+    from prefect.artifacts import create_markdown_artifact
+
     root_path = Path(root).resolve()
+    lock = FileLock(root_path / PIPELINE_LOCK)
+    try:
+        held = lock.acquire(timeout=load_params(root_path / paths.PARAMS).flow.lock_timeout_s)
+    except Timeout:
+        return Failed(message=f"another pipeline run holds {PIPELINE_LOCK} in {root_path}; gave up waiting")
+    with held:
+        if params:
+            set_params(root_path, params)
+            create_markdown_artifact(
+                key="params",
+                markdown="Overrides applied to params.yaml (recorded in dvc.lock):\n\n"
+                + "\n".join(f"- `{k}` = `{json.dumps(v)}`" for k, v in params.items()),
+            )
+        cfg = load_params(root_path / paths.PARAMS).flow
+        state = _run_stages(root_path, force, cfg)
+    if state.is_failed() or state.message.startswith("rejected"):
+        notify(cfg, f"tollgate training-pipeline in {root_path}: {state.message}")
+    return state
+
+
+def _run_stages(root: Path, force: bool, cfg: FlowConfig):
     ran = []
     for stage in STAGES:
-        step = task(run_stage, name=stage, retries=RETRIES.get(stage, 0), retry_delay_seconds=[5, 30])
+        retries = cfg.retries.get(stage, 0)
+        step = task(
+            run_stage,
+            name=stage,
+            retries=retries,
+            retry_delay_seconds=exponential_backoff(cfg.retry_backoff_s) if retries else 0,
+            retry_condition_fn=_worth_retrying,
+        )
         try:
-            if step(stage, str(root_path), force):
+            if step(stage, str(root), force, cfg.timeout_s.get(stage)):
                 ran.append(stage)
-                publish_artifacts(stage, root_path)
+                publish_artifacts(stage, root)
         except StageError as err:
-            publish_artifacts(stage, root_path)
+            publish_artifacts(stage, root)
             return Failed(message=str(err))
-    verdict = outcome(root_path)
+    if "register" in ran:
+        _link_mlflow(root)
+    verdict = outcome(root)
     message = verdict if ran else f"up to date, no stage ran (last outcome: {verdict})"
     print(f"stages run: {', '.join(ran) or 'none'}; {message}")
     return Completed(message=message)
 
 
+@flow(name="promote")
+def promote_flow(root: str = ".", version: str | None = None):
+    """Make `version` (default: the one the last run registered) @champion, verified on the serving
+    target: the code `tollgate promote` runs."""
+    from pipeline.promote import PromotionError, promote
+
+    root_path = Path(root).resolve()
+    params = load_params(root_path / paths.PARAMS)
+    version = version or str(read_report(root_path / paths.REGISTRATION).get("version") or "")
+    if not version:
+        return Failed(message="no version given and no registered candidate in reports/registration.json")
+    try:
+        result = promote(params, root_path, version)
+    except PromotionError as err:
+        return Failed(message=str(err))
+    return Completed(message=result["summary"])
+
+
 @flow(name="rollback")
 def rollback_flow(root: str = ".", to: str | None = None):
     """Restore an earlier champion (default @previous), verified on the serving target like a promotion."""
-    from pipeline.config import load_params
     from pipeline.promote import PromotionError, rollback
 
     root_path = Path(root).resolve()

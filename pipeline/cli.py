@@ -32,8 +32,17 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("-n", type=int, default=5)
     pr = sub.add_parser("profile", help="print the `dvc exp run` arguments that apply a params profile")
     pr.add_argument("file", help="e.g. profiles/mnist-cpu.yaml")
+    sub.add_parser("schedule", help="serve the prefect.yaml deployments and schedules from this process")
     f = sub.add_parser("flow", help="run the Prefect training-pipeline flow (same stages, through DVC)")
     f.add_argument("--force", action="store_true", help="re-run every stage even if its inputs are unchanged")
+    f.add_argument(
+        "-S",
+        "--set-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params.yaml value for this run, as `dvc exp run -S` does (repeatable)",
+    )
     return p
 
 
@@ -77,10 +86,17 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.config import load_profile, set_param_args
 
             print(shlex.join(set_param_args(load_profile(args.file, root / "params.yaml"))))
+        elif args.command == "schedule":
+            from flows.serve import main as serve_deployments
+
+            serve_deployments(root)
         elif args.command == "flow":
+            import yaml
+
             from flows.pipeline import training_pipeline
 
-            state = training_pipeline(force=args.force, return_state=True)
+            overrides = {k: yaml.safe_load(v) for k, _, v in (a.partition("=") for a in args.set_param)}
+            state = training_pipeline(force=args.force, params=overrides or None, return_state=True)
             print(state.message)
             return 0 if state.is_completed() else 1
     except ConfigError as err:

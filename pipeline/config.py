@@ -148,6 +148,18 @@ class ServeConfig(_Section):
     timeout_s: float = Field(30.0, gt=0.0)
 
 
+StageName = Literal["prepare", "validate", "train", "evaluate", "register", "promote"]
+
+
+class FlowConfig(_Section):
+    timeout_s: dict[StageName, float] = Field(default_factory=dict)
+    retries: dict[StageName, int] = Field(default_factory=dict)
+    retry_backoff_s: float = Field(10.0, ge=0.0)
+    lock_timeout_s: float = Field(3600.0, ge=0.0)
+    notify_url: str = ""
+    notify_block: str = ""
+
+
 class MlflowConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_root: str = "mlartifacts"
@@ -162,6 +174,7 @@ class Params(_Section):
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
+    flow: FlowConfig = FlowConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
     def section_hash(self, *sections: str) -> str:

@@ -120,3 +120,16 @@ def rollback(params: Params, root: Path, to: str | None = None) -> dict:
             raise PromotionError(f"{name} has no @previous version to roll back to; name one with --to")
         to = ref.version
     return move_champion(params, root, str(to))
+
+
+def promote(params: Params, root: Path, version: str) -> dict:
+    """`move_champion`, then hand the champion to `serve.target` when it is not the local server: what
+    `tollgate promote` and the Prefect `promote` flow both do."""
+    tracking.connect(params, root)
+    result = move_champion(params, root, version)
+    if params.serve.target != "local":
+        from pipeline.deploy import deploy
+
+        result["deploy"] = deploy(params, root, params.serve.target)
+        result["summary"] += "; " + result["deploy"]["summary"]
+    return result

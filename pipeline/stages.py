@@ -390,15 +390,7 @@ def promote(params: Params, root: Path) -> dict:
         result = {"promoted": False, "reason": "candidate rejected: " + "; ".join(registration["reasons"])}
     else:
         try:
-            from pipeline import tracking
-
-            tracking.connect(params, root)
-            result = promotion.move_champion(params, root, registration["version"])
-            if params.serve.target != "local":
-                from pipeline.deploy import deploy
-
-                result["deploy"] = deploy(params, root, params.serve.target)
-                result["summary"] += "; " + result["deploy"]["summary"]
+            result = promotion.promote(params, root, registration["version"])
         except promotion.PromotionError as err:
             write_json(root / paths.PROMOTION, {"promoted": False, "reason": str(err)})
             raise StageFailed(str(err)) from None

@@ -84,4 +84,7 @@ def test_overrides_use_dvc_set_param_semantics_and_reject_unknown_keys():
     with pytest.raises(ConfigError, match="train.lrr: unknown key"):
         with_overrides(raw, {"train.lrr": 0.1})
     args = set_param_args({"train.lr": 0.1, "data.source": "mnist", "train.torchrun_args": ["--nnodes=2"]})
-    assert args == ["-S", "train.lr=0.1", "-S", "data.source=mnist", "-S", 'train.torchrun_args=["--nnodes=2"]']
+    assert args == ["-S", "train.lr=0.1", "-S", "data.source=mnist"] + [
+        "-S",
+        'train.torchrun_args=["--nnodes=2"]',
+    ]

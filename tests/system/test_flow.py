@@ -1,9 +1,12 @@
 """The Prefect flow on a real (test-harness) Prefect server: same stages, same artifacts as `dvc repro`."""
 
+import json
+import re
+
 import pytest
 import yaml
 
-from tests.support import make_project, model_client, set_param
+from tests.support import make_project, model_client, run, set_param, tool_env
 
 pytestmark = pytest.mark.slow
 NAME = "tollgate-classifier"
@@ -97,3 +100,132 @@ def test_rollback_flow_without_a_previous_champion_fails_and_says_why(prefect_se
     assert state.is_failed()
     assert "no @previous version to roll back to" in state.message
     assert str(model_client(flow_project).get_model_version_by_alias(NAME, "champion").version) == "1"
+
+
+@pytest.fixture(scope="module")
+def webhook():
+    """A real HTTP endpoint on 127.0.0.1 that records what notifications POST to it."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    server.shutdown()
+
+
+def test_overrides_are_recorded_and_a_rejection_is_notified(prefect_server, flow_project, webhook):
+    from flows.pipeline import training_pipeline
+
+    url, received = webhook
+    set_param(flow_project, "data.test_fraction", 0.2)  # undo the bad data of the test before
+    set_param(flow_project, "flow.notify_url", url)
+    params_file = flow_project / "params.yaml"
+    params_file.write_text(params_file.read_text().replace("  epochs: 15\n", "  epochs: 15  # a comment\n"))
+    versions = len(model_client(flow_project).search_model_versions(f"name='{NAME}'"))
+    state = training_pipeline(root=str(flow_project), params={"train.epochs": 1}, return_state=True)
+    assert state.is_completed() and state.message.startswith("rejected: "), state.message
+    # exactly as `dvc exp run -S train.epochs=1`: params.yaml edited in place (comments kept), dvc.lock
+    # records the value the run used, and so does the MLflow run
+    assert re.search(r"\n  epochs: 1 +# a comment\n", params_file.read_text())
+    lock = yaml.safe_load((flow_project / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 1
+    run_id = json.loads((flow_project / "reports" / "train.json").read_text())["run_id"]
+    assert model_client(flow_project).get_run(run_id).data.params["train.epochs"] == "1"
+    assert "`train.epochs` = `1`" in _artifacts(state.state_details.flow_run_id)["params"]
+    assert len(model_client(flow_project).search_model_versions(f"name='{NAME}'")) == versions
+    assert received and received[-1]["text"].endswith(state.message)
+
+
+def test_a_stage_past_its_timeout_is_stopped_and_nothing_moves(prefect_server, flow_project):
+    from flows.pipeline import training_pipeline
+
+    models = (flow_project / "models" / "model.pt").read_bytes()
+    lock = (flow_project / "dvc.lock").read_text()
+    state = training_pipeline(
+        root=str(flow_project), params={"train.epochs": 400, "flow.timeout_s.train": 3}, return_state=True
+    )
+    assert state.is_failed() and state.message == "stage train timed out after 3 s (flow.timeout_s)"
+    # DVC set the old model aside before the stage ran; the lock still names it, so it comes back as it was
+    assert (flow_project / "dvc.lock").read_text() == lock
+    run(["dvc", "checkout", "models"], cwd=flow_project)
+    assert (flow_project / "models" / "model.pt").read_bytes() == models
+    set_param(flow_project, "train.epochs", 15)
+    set_param(flow_project, "flow.timeout_s.train", 14400)
+
+
+def test_a_second_run_waits_for_the_checkout_lock_and_gives_up_with_a_reason(prefect_server, flow_project):
+    from filelock import FileLock
+
+    from flows.pipeline import PIPELINE_LOCK, training_pipeline
+
+    set_param(flow_project, "flow.lock_timeout_s", 1)
+    with FileLock(flow_project / PIPELINE_LOCK):  # what a run in progress holds
+        state = training_pipeline(root=str(flow_project), return_state=True)
+    assert state.is_failed() and "another pipeline run holds .tollgate/pipeline.lock" in state.message
+    set_param(flow_project, "flow.lock_timeout_s", 3600)
+
+
+def _api_env() -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+def test_prefect_yaml_deployments_get_their_cron_schedules(prefect_server, flow_project):
+    from prefect.client.orchestration import get_client
+
+    env = {**_api_env(), "PWD": str(flow_project)}  # as a shell in the project sets it
+    run(["prefect", "work-pool", "create", "tollgate-process", "--type", "process"], cwd=flow_project, **env)
+    run(["prefect", "--no-prompt", "deploy", "--all"], cwd=flow_project, **env)
+    spec = yaml.safe_load((flow_project / "prefect.yaml").read_text())
+    with get_client(sync_client=True) as client:
+        for d in spec["deployments"]:
+            flow_name = {"training_pipeline": "training-pipeline"}.get(
+                d["entrypoint"].split(":")[1], d["entrypoint"].split(":")[1].removesuffix("_flow")
+            )
+            got = client.read_deployment_by_name(f"{flow_name}/{d['name']}")
+            assert got.work_pool_name == "tollgate-process"
+            assert got.parameters == d.get("parameters", {})
+            crons = [(s.schedule.cron, s.schedule.timezone) for s in got.schedules]
+            assert crons == [(s["cron"], s["timezone"]) for s in d.get("schedules", [])]
+            step = got.pull_steps[0]["prefect.deployments.steps.set_working_directory"]
+            assert step["directory"] == str(flow_project)
+
+
+def test_a_deployment_run_is_picked_up_by_the_served_process(prefect_server, flow_project):
+    import subprocess
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    with get_client(sync_client=True) as client:  # a team without workers: no `prefect deploy` ones
+        for deployment in client.read_deployments():
+            client.delete_deployment(deployment.id)
+    log = open(flow_project / "schedule.log", "w")  # noqa: SIM115 - closed below
+    served = subprocess.Popen(
+        ["tollgate", "schedule"], cwd=flow_project, env={**tool_env(), **_api_env()}, stdout=log, stderr=log
+    )
+    try:
+        time.sleep(15)  # registers the deployments, then polls for runs
+        assert served.poll() is None, (flow_project / "schedule.log").read_text()
+        flow_run = run_deployment("training-pipeline/nightly-retrain", timeout=300)
+        assert flow_run.state.is_completed(), flow_run.state.message
+        assert flow_run.deployment_id is not None and flow_run.state.message  # says what it decided
+    finally:
+        served.terminate()
+        served.wait(timeout=60)
+        log.close()
