@@ -47,7 +47,7 @@ def stratified_split(
         parts["test"].append(idx[:n_test])
         parts["val"].append(idx[n_test : n_test + n_val])
         parts["train"].append(idx[n_test + n_val :])
-    return {s: np.sort(np.concatenate(parts[s])) for s in SPLITS}
+    return {s: np.sort(np.concatenate([np.zeros(0, dtype=np.int64), *parts[s]])) for s in SPLITS}
 
 
 def channel_stats(x: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:

@@ -146,12 +146,10 @@ def load_imagefolder(cfg: DataConfig, root: Path, scratch: Path) -> Raw:
     if not classes:
         raise SourceError(f"no class sub-folders in {root} (expected {root}/<class>/<image files>)")
     h, w = cfg.image_size
-    entries = [(split, c, p) for split, c_dir in folders for p in _walk(c_dir) for c in [c_dir.name]]
-
-    files = [_describe_file(root, split, c, p) for split, c, p in entries]
+    files = [_describe_file(root, split, c_dir.name, p) for split, c_dir in folders for p in _walk(c_dir)]
     c_out = cfg.channels or _majority([r["channels"] for r in files if r["channels"]], default=3)
     x = np.lib.format.open_memmap(
-        scratch / "decoded.npy", mode="w+", dtype=np.uint8, shape=(len(files), h, w, c_out)
+        scratch / "decoded.npy", mode="w+", dtype=np.uint8, shape=(max(len(files), 1), h, w, c_out)
     )
     n = 0
     for row in files:

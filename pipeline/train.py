@@ -323,6 +323,7 @@ def train(
                 checkpoint,
                 {
                     "fingerprint": key,
+                    "config": {"seed": seed, "train": cfg.model_dump(mode="json"), "meta": meta},
                     "epoch": epoch,
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),

@@ -162,6 +162,14 @@ def test_11_an_empty_or_tiny_dataset(project):
     assert "train: at least 20 images: 6 images, fewer than 20: the dataset is empty or tiny" in msg
 
 
+def test_11_a_folder_of_empty_class_folders(project):
+    for label in ("cats", "dogs"):
+        (project / "images" / label).mkdir()
+    msg = _validate(project)
+    assert "train: at least 20 images: 0 images, fewer than 20: the dataset is empty or tiny" in msg
+    assert "class cats has 0 in train" in msg
+
+
 def test_12_test_classes_absent_from_training(project):
     root = project / "images"
     write_image_folder(root, split="train")

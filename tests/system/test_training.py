@@ -43,18 +43,23 @@ def _test_accuracy(model_dir, project) -> float:
     return float((model_io.predict_proba(model, test.x).argmax(1).numpy() == test.y).mean())
 
 
-def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(project):
-    reference = project.parent / "reference"
-    shutil.rmtree(project / paths.MODEL_DIR)
+def _kill_after_epoch(project, epoch: int) -> None:
+    """Start `tollgate train` and SIGKILL it as soon as it reports `epoch`."""
     proc = subprocess.Popen(
         ["tollgate", "train"], cwd=project, env=tool_env(), stdout=subprocess.PIPE, text=True, bufsize=1
     )
     for line in proc.stdout:
-        if line.startswith("[tollgate] epoch 5/"):
+        if line.startswith(f"[tollgate] epoch {epoch}/"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(project):
+    reference = project.parent / "reference"
+    shutil.rmtree(project / paths.MODEL_DIR)
+    _kill_after_epoch(project, 5)
     # Nothing DVC or the registry could take for a finished model; the checkpoint is there to resume.
     assert not (project / paths.MODEL_DIR).exists()
     assert (project / paths.TRAIN_CHECKPOINT).exists()
@@ -76,14 +81,7 @@ def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(project):
 
 def test_a_checkpoint_from_other_settings_is_not_resumed(project):
     shutil.rmtree(project / paths.MODEL_DIR)
-    proc = subprocess.Popen(
-        ["tollgate", "train"], cwd=project, env=tool_env(), stdout=subprocess.PIPE, text=True, bufsize=1
-    )
-    for line in proc.stdout:
-        if line.startswith("[tollgate] epoch 3/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
+    _kill_after_epoch(project, 3)
     set_param(project, "train.lr", 0.002)
     out = run(["tollgate", "train"], cwd=project).stdout
     assert "resuming" not in out
