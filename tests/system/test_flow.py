@@ -205,6 +205,18 @@ def test_prefect_yaml_deployments_get_their_cron_schedules(prefect_server, flow_
             assert step["directory"] == str(flow_project)
 
 
+def _deployed(name: str) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return False
+    return True
+
+
 def test_a_deployment_run_is_picked_up_by_the_served_process(prefect_server, flow_project):
     import subprocess
     import time
@@ -220,8 +232,12 @@ def test_a_deployment_run_is_picked_up_by_the_served_process(prefect_server, flo
         ["tollgate", "schedule"], cwd=flow_project, env={**tool_env(), **_api_env()}, stdout=log, stderr=log
     )
     try:
-        time.sleep(15)  # registers the deployments, then polls for runs
-        assert served.poll() is None, (flow_project / "schedule.log").read_text()
+        deadline = time.monotonic() + 180
+        while not _deployed("training-pipeline/nightly-retrain"):  # the served process registers it
+            assert served.poll() is None and time.monotonic() < deadline, (
+                flow_project / "schedule.log"
+            ).read_text()
+            time.sleep(1)
         flow_run = run_deployment("training-pipeline/nightly-retrain", timeout=300)
         assert flow_run.state.is_completed(), flow_run.state.message
         assert flow_run.deployment_id is not None and flow_run.state.message  # says what it decided
