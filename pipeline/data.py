@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.io import atomic_dir, read_json, write_json
+from pipeline.io import atomic_dir, file_sha256, read_json, write_json
 from pipeline.sources import FILE_COLUMNS, load_raw
 
 SPLITS = ("train", "val", "test")
@@ -63,14 +63,6 @@ def channel_stats(x: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[f
     mean = total / max(n, 1)
     std = np.sqrt(np.maximum(squares / max(n, 1) - mean * mean, 0.0))
     return mean.round(6).tolist(), np.where(std > 0, std, 1.0).round(6).tolist()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def image_hashes(x: np.ndarray) -> list[str]:
@@ -167,7 +159,7 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path, data_root: str | Pa
         if files:
             where = {int(row): (s, pos) for s, i in idx.items() for pos, row in enumerate(i)}
             _write_files_table(tmp / FILES, files, where)
-            manifest["files"] = {"table": FILES, "sha256": _sha256(tmp / FILES), "count": len(files)}
+            manifest["files"] = {"table": FILES, "sha256": file_sha256(tmp / FILES), "count": len(files)}
         manifest["data_version"] = content_hash(tmp, manifest["classes"])
         write_json(tmp / MANIFEST, manifest)
     return manifest

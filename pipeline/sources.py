@@ -7,7 +7,6 @@ could not be used, so validation can name them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DataConfig
+from pipeline.io import file_sha256
 
 # What torchvision's ImageFolder accepts, minus formats that carry no pixels we could train on.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -175,8 +175,7 @@ def _describe_file(root: Path, split: str, label: str, path: Path) -> dict:
 
     row = dict.fromkeys(FILE_COLUMNS)
     row.update({"path": path.relative_to(root).as_posix(), "class": label, "split": split, "index": -1})
-    data = path.read_bytes()
-    row["sha256"] = hashlib.sha256(data).hexdigest()
+    row["sha256"] = file_sha256(path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         row.update(kind="other", error=f"not an image file ({path.suffix or 'no suffix'})")
         return row
