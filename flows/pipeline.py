@@ -148,17 +148,12 @@ def set_params(root: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     import yaml
     from dvc.utils.serialize import modify_yaml
 
-    from pipeline.config import with_overrides
+    from pipeline.config import set_dotted, with_overrides
 
     path = root / paths.PARAMS
     with_overrides(yaml.safe_load(path.read_text()) or {}, overrides, "flow parameters")
-    with modify_yaml(path) as data:
-        for dotted, value in overrides.items():
-            *parents, leaf = dotted.split(".")
-            node = data
-            for key in parents:
-                node = node.setdefault(key, {})
-            node[leaf] = value
+    with modify_yaml(path) as data:  # DVC's round-trip YAML: comments and layout survive
+        set_dotted(data, overrides)
     return overrides
 
 

@@ -221,20 +221,25 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw, str(path))
 
 
-def with_overrides(raw: dict, overrides: dict[str, object], source: str = "overrides") -> dict:
-    """A copy of the params mapping `raw` with dotted keys set (`train.lr: 0.1`), as `dvc exp run
-    --set-param` does; the result is checked like params.yaml, so a mistyped key fails by name."""
-    import copy
-
-    out = copy.deepcopy(raw)
+def set_dotted(mapping: dict, overrides: dict[str, object], source: str = "overrides") -> None:
+    """Set dotted keys (`train.lr: 0.1`) in a nested mapping in place, creating sections as needed."""
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
-        node = out
+        node = mapping
         for key in parents:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{source}: {dotted}: {key} is not a section")
         node[leaf] = value
+
+
+def with_overrides(raw: dict, overrides: dict[str, object], source: str = "overrides") -> dict:
+    """A copy of the params mapping `raw` with dotted keys set, as `dvc exp run --set-param` does; the
+    result is checked like params.yaml, so a mistyped key fails by name."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    set_dotted(out, overrides, source)
     parse_params(out, source)
     return out
 

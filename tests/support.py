@@ -65,13 +65,11 @@ def set_param(project: Path, dotted: str, value: object) -> None:
     """Edit params.yaml the way a user would, keeping the rest of the file."""
     import yaml
 
+    from pipeline.config import set_dotted
+
     path = project / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    *parents, leaf = dotted.split(".")
-    node = params
-    for key in parents:
-        node = node[key]
-    node[leaf] = value
+    set_dotted(params, {dotted: value})
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
