@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support import ROOT, make_project, set_param, tool_env  # noqa: E402
+from tests.support import MNIST_FILES, link_source_files, make_project, set_param, tool_env  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
@@ -35,14 +35,11 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mnist", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
+    ap.add_argument("--mnist", type=Path, default=MNIST_FILES)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         project = make_project(Path(tmp) / "project")
-        raw = project / "data" / "raw" / "MNIST" / "raw"
-        raw.mkdir(parents=True)
-        for gz in sorted(args.mnist.resolve().glob("*.gz")):
-            (raw / gz.name).symlink_to(gz)
+        link_source_files(project / "data" / "raw", "mnist", args.mnist)
         set_param(project, "data.source", "mnist")
         figures = {stage: timed(["tollgate", stage], project) for stage in ("prepare", "validate")}
     for stage, (wall, mb) in figures.items():

@@ -21,21 +21,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_profile  # noqa: E402
-from tests.support import ROOT, make_project, run, set_param, tool_env  # noqa: E402
+from tests.support import (  # noqa: E402
+    MNIST_FILES,
+    ROOT,
+    link_source_files,
+    make_project,
+    run,
+    set_param,
+    tool_env,
+)
 
 # Dense bf16 tensor-core peak (FLOP/s) by device name, for MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
-
-
-def link_files(project: Path, source: str, files: Path) -> None:
-    raw = project / "data" / "raw"
-    target = raw / "MNIST" / "raw" if source == "mnist" else raw / "FashionMNIST" / "raw"
-    if source == "cifar10":
-        target = raw
-    target.mkdir(parents=True, exist_ok=True)
-    for f in sorted(files.resolve().iterdir()):
-        if f.suffix == ".gz" or f.name.startswith("cifar-10"):
-            (target / f.name).symlink_to(f)
 
 
 def test_accuracy_and_flops(project: Path) -> tuple[float, float]:
@@ -56,14 +53,14 @@ def test_accuracy_and_flops(project: Path) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", type=Path, default=ROOT / "profiles" / "mnist-cpu.yaml")
-    ap.add_argument("--files", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
+    ap.add_argument("--files", type=Path, default=MNIST_FILES)
     args = ap.parse_args()
     overrides = load_profile(args.profile, ROOT / "params.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         project = make_project(Path(tmp) / "project")
         for key, value in overrides.items():
             set_param(project, key, value)
-        link_files(project, overrides["data.source"], args.files)
+        link_source_files(project / "data" / "raw", overrides["data.source"], args.files)
         run(["tollgate", "prepare"], cwd=project)
         run(["tollgate", "validate"], cwd=project)
         start = time.perf_counter()

@@ -41,6 +41,22 @@ def repo_files() -> list[str]:
     return sorted({f for f in out.split("\0") if f and (ROOT / f).is_file()})
 
 
+# Where torchvision looks for each source's original files under data.root.
+SOURCE_DIRS = {"mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw", "cifar10": "."}
+MNIST_FILES = ROOT.parent / "shared" / "data" / "mnist"
+
+
+def link_source_files(root: Path, source: str, files: Path) -> Path:
+    """Symlink a source's original files (the .gz of the MNIST family, CIFAR-10's archive or folder) into
+    torchvision's layout under `root`, read-only: nothing is copied or written beside the originals."""
+    target = root / SOURCE_DIRS[source]
+    target.mkdir(parents=True, exist_ok=True)
+    for f in sorted(files.resolve().iterdir()):
+        if f.suffix == ".gz" or f.name.startswith("cifar-10"):
+            (target / f.name).symlink_to(f)
+    return root
+
+
 def make_project(dst: Path) -> Path:
     """A copy of the repo as a fresh clone would have it, committed in its own git repo."""
     for rel in repo_files():

@@ -12,22 +12,15 @@ from pipeline import stages
 from pipeline.config import DataConfig, ValidateConfig, load_params
 from pipeline.data import FILES, load_split, prepare, read_manifest
 from pipeline.validate import run_suite
-from tests.support import ROOT, write_image_folder
-
-MNIST = ROOT.parent / "shared" / "data" / "mnist"
+from tests.support import MNIST_FILES, ROOT, link_source_files, write_image_folder
 
 
 @pytest.fixture(scope="module")
 def mnist_root(tmp_path_factory):
     """torchvision's layout (<root>/MNIST/raw/*.gz) over the shared original files, read-only."""
-    if not MNIST.is_dir():
-        pytest.skip(f"the real MNIST files are not at {MNIST}")
-    root = tmp_path_factory.mktemp("mnist")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for gz in MNIST.glob("*.gz"):
-        (raw / gz.name).symlink_to(gz)
-    return root
+    if not MNIST_FILES.is_dir():
+        pytest.skip(f"the real MNIST files are not at {MNIST_FILES}")
+    return link_source_files(tmp_path_factory.mktemp("mnist"), "mnist", MNIST_FILES)
 
 
 def _digest(folder):
