@@ -168,7 +168,7 @@ def _train(params: Params, root: Path) -> dict:
     run_id = resumable["extra"].get("run_id") if resumable else None
     train_set, val_set = load_split(prepared, "train"), load_split(prepared, "val")
     if rank != 0:  # other processes train their share; rank 0 alone logs and writes outputs
-        fit(params.train, params.seed, train_set, val_set, meta, checkpoint=checkpoint)
+        fit(params.train, params.seed, train_set, val_set, meta, checkpoint=checkpoint, resume=resumable)
         return {}
 
     tracking.connect(params, root)
@@ -215,6 +215,7 @@ def _train(params: Params, root: Path) -> dict:
             meta,
             on_epoch,
             checkpoint=checkpoint,
+            resume=resumable,
             extra_state={"run_id": run.info.run_id},
         )
         wall = time.perf_counter() - start

@@ -216,10 +216,12 @@ def train(
     meta: dict,
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint: Path | None = None,
+    resume: dict | None = None,
     extra_state: dict | None = None,
 ) -> TrainResult:
-    """Fit from scratch, or from `checkpoint` when it holds this same run's state (see `fingerprint`).
-    `extra_state` is saved in the checkpoint for the caller (e.g. its MLflow run id)."""
+    """Fit from scratch, or from `resume`: a checkpoint of this same run, as `load_checkpoint` returns it.
+    Every epoch ends with a checkpoint written to `checkpoint`, holding `extra_state` for the caller
+    (e.g. its MLflow run id)."""
     rank, world_size = world()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     set_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
@@ -250,16 +252,17 @@ def train(
     history: list[dict] = []
     best = {"val_loss": float("inf"), "epoch": 0, "weights": None, "stale": 0}
     start_epoch = 1
-    state = load_checkpoint(checkpoint, key)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        shuffle.set_state(state["rng"]["shuffle"])
-        aug_gen.set_state(state["rng"]["augment"][rank])
-        history, best = state["history"], state["best"]
-        start_epoch = state["epoch"] + 1
+    if resume is not None:
+        if resume["fingerprint"] != key:
+            raise ValueError("the checkpoint to resume is from another run (see train.fingerprint)")
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        shuffle.set_state(resume["rng"]["shuffle"])
+        aug_gen.set_state(resume["rng"]["augment"][rank])
+        history, best = resume["history"], resume["best"]
+        start_epoch = resume["epoch"] + 1
     resumed_from = start_epoch - 1
     bar = _progress((cfg.epochs - resumed_from) * steps_per_epoch) if rank == 0 else None
 
@@ -313,7 +316,12 @@ def train(
         }
         history.append(row)
         if val_loss < best["val_loss"]:
-            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            # Only early stopping goes back to the best epoch: otherwise a copy per epoch is wasted.
+            weights = (
+                {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                if cfg.early_stopping
+                else None
+            )
             best = {"val_loss": val_loss, "epoch": epoch, "weights": weights, "stale": 0}
         else:
             best["stale"] += 1
