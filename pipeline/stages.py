@@ -69,10 +69,10 @@ def validate(params: Params, root: Path) -> dict:
     return report
 
 
-def _attach_validation(root: Path) -> None:
+def _attach_validation(root: Path, report: dict) -> None:
     import mlflow
 
-    mlflow.log_artifact(str(root / paths.VALIDATION_REPORT), "data_validation")
+    mlflow.log_dict(report, "data_validation/validation.json")
     mlflow.log_artifacts(str(root / paths.DATA_DOCS), "data_validation/data_docs")
 
 
@@ -93,8 +93,7 @@ def _log_validation(params: Params, root: Path, report: dict) -> str:
         mlflow.log_metrics(
             {"validation_failures": len(report["failures"]), "validation_warnings": len(report["warnings"])}
         )
-        write_json(root / paths.VALIDATION_REPORT, report)
-        _attach_validation(root)
+        _attach_validation(root, report)
         return run.info.run_id
 
 
@@ -182,7 +181,7 @@ def _train(params: Params, root: Path) -> dict:
                     **{f"train.{k}": v for k, v in params.train.model_dump().items()},
                 }
             )
-            _attach_validation(root)
+            _attach_validation(root, read_json(root / paths.VALIDATION_REPORT))
         else:
             _log(f"resuming from the checkpoint after epoch {resumable['epoch']} (MLflow run {run_id})")
         mlflow.set_tags(
