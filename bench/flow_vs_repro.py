@@ -15,7 +15,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support import free_port, make_project, tool_env  # noqa: E402
+from pipeline.serving.client import free_port  # noqa: E402
+from tests.support import make_project, tool_env  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:

@@ -23,11 +23,8 @@ from prefect.states import Completed, Failed
 from prefect.tasks import exponential_backoff
 
 from pipeline import paths
-from pipeline.cli import STAGES
-from pipeline.config import FlowConfig, load_params
-from pipeline.io import read_report
-
-PIPELINE_LOCK = ".tollgate/pipeline.lock"
+from pipeline.config import STAGES, FlowConfig, load_params
+from pipeline.files import read_report, write_bytes
 
 
 class StageError(RuntimeError):
@@ -50,9 +47,11 @@ def _cause(stage: str, root: Path) -> str:
 @contextlib.contextmanager
 def _deadline(seconds: float | None) -> Any:
     """Stop the stage's processes once `seconds` have passed. DVC runs the stage command as a child of this
-    process and waits for it; killing it makes DVC report the stage as failed, as after a crash, and the
-    previous outputs stay in place (every stage writes atomically). Only processes started after entry
-    are touched: whatever else this process runs (a Prefect test server, say) is not the stage."""
+    process and waits for it; killing it makes DVC report the stage as failed, as after a crash. The lock
+    file still names the previous outputs: those outside DVC's cache were never removed (`persist` in
+    dvc.yaml, and every stage writes atomically), the cached ones come back with `dvc checkout`. Only
+    processes started after entry are touched: whatever else this process runs (a Prefect test server,
+    say) is not the stage."""
     import psutil
 
     me = psutil.Process()
@@ -198,17 +197,23 @@ def _link_mlflow(root: Path) -> None:
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(root: str = ".", force: bool = False, params: dict[str, Any] | None = None):
     """prepare → validate → train → evaluate → register → promote, skipping what DVC finds unchanged.
-    `params` overrides params.yaml values (dotted keys, `dvc exp run --set-param` semantics)."""
+    `params` overrides params.yaml values (dotted keys, `dvc exp run --set-param` semantics) for this run:
+    they stay in params.yaml only if the run promotes the model they made; otherwise params.yaml is put
+    back as it was, so later scheduled runs never inherit an experiment's values, and the final message
+    says which happened."""
     from filelock import FileLock, Timeout
     from prefect.artifacts import create_markdown_artifact
 
     root_path = Path(root).resolve()
-    lock = FileLock(root_path / PIPELINE_LOCK)
+    lock = FileLock(root_path / paths.PIPELINE_LOCK)
     try:
         held = lock.acquire(timeout=load_params(root_path / paths.PARAMS).flow.lock_timeout_s)
     except Timeout:
-        return Failed(message=f"another pipeline run holds {PIPELINE_LOCK} in {root_path}; gave up waiting")
+        return Failed(
+            message=f"another pipeline run holds {paths.PIPELINE_LOCK} in {root_path}; gave up waiting"
+        )
     with held:
+        original = (root_path / paths.PARAMS).read_bytes()
         if params:
             set_params(root_path, params)
             create_markdown_artifact(
@@ -217,14 +222,27 @@ def training_pipeline(root: str = ".", force: bool = False, params: dict[str, An
                 + "\n".join(f"- `{k}` = `{json.dumps(v)}`" for k, v in params.items()),
             )
         cfg = load_params(root_path / paths.PARAMS).flow
-        state = _run_stages(root_path, force, cfg)
+        ran: list[str] = []
+        try:
+            state = _run_stages(root_path, force, cfg, ran)
+        finally:
+            kept = "promote" in ran and bool(read_report(root_path / paths.PROMOTION).get("promoted"))
+            if params and not kept:
+                write_bytes(root_path / paths.PARAMS, original)
+        if params:
+            note = (
+                "params.yaml keeps the overrides that made the champion (commit it)"
+                if kept
+                else "overrides undone: params.yaml is as before this run (dvc status shows their effect)"
+            )
+            state = (Completed if state.is_completed() else Failed)(message=f"{state.message}; {note}")
     if state.is_failed() or state.message.startswith("rejected"):
         notify(cfg, f"tollgate training-pipeline in {root_path}: {state.message}")
     return state
 
 
-def _run_stages(root: Path, force: bool, cfg: FlowConfig):
-    ran = []
+def _run_stages(root: Path, force: bool, cfg: FlowConfig, ran: list[str]):
+    """Run the stages in order, appending to `ran` those DVC did not skip; the flow's final state."""
     for stage in STAGES:
         retries = cfg.retries.get(stage, 0)
         step = task(
@@ -253,6 +271,7 @@ def _run_stages(root: Path, force: bool, cfg: FlowConfig):
 def promote_flow(root: str = ".", version: str | None = None):
     """Make `version` (default: the one the last run registered) @champion, verified on the serving
     target: the code `tollgate promote` runs."""
+    from pipeline import tracking
     from pipeline.promote import PromotionError, promote
 
     root_path = Path(root).resolve()
@@ -261,7 +280,7 @@ def promote_flow(root: str = ".", version: str | None = None):
     if not version:
         return Failed(message="no version given and no registered candidate in reports/registration.json")
     try:
-        result = promote(params, root_path, version)
+        result = promote(tracking.connect(params, root_path), params, root_path, version)
     except PromotionError as err:
         return Failed(message=str(err))
     return Completed(message=result["summary"])
@@ -270,11 +289,13 @@ def promote_flow(root: str = ".", version: str | None = None):
 @flow(name="rollback")
 def rollback_flow(root: str = ".", to: str | None = None):
     """Restore an earlier champion (default @previous), verified on the serving target like a promotion."""
+    from pipeline import tracking
     from pipeline.promote import PromotionError, rollback
 
     root_path = Path(root).resolve()
+    params = load_params(root_path / paths.PARAMS)
     try:
-        result = rollback(load_params(root_path / paths.PARAMS), root_path, to)
+        result = rollback(tracking.connect(params, root_path), params, root_path, to)
     except PromotionError as err:
         return Failed(message=str(err))
     return Completed(message=result["summary"])

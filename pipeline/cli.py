@@ -6,22 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-STAGES = ("prepare", "validate", "train", "evaluate", "register", "promote")
+from pipeline.config import STAGES
 
 
 def _parser() -> argparse.ArgumentParser:
+    from pipeline.serving import add_arguments
+
     p = argparse.ArgumentParser(prog="tollgate", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for stage in STAGES:
         sub.add_parser(stage, help=f"run the {stage} stage (what dvc.yaml calls)")
-    s = sub.add_parser("serve", help="HTTP inference server on models:/<name>@champion")
-    s.add_argument("--host", help="bind address (default: serve.host in params.yaml)")
-    s.add_argument("--port", type=int, help="port (default: serve.port in params.yaml)")
-    s.add_argument(
-        "--model-uri",
-        help="serve this one MLflow model (models:/name/version or a local MLflow "
-        "model folder) instead of following @champion",
-    )
+    add_arguments(sub.add_parser("serve", help="HTTP inference server on models:/<name>@champion"))
     rb = sub.add_parser("rollback", help="make an earlier version @champion again, verified like a promotion")
     rb.add_argument("--to", help="version to restore (default: the one behind @previous)")
     d = sub.add_parser("deploy", help="hand @champion to a serving target (default: serve.target)")
@@ -46,6 +41,58 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dispatch(args, params, root: Path) -> int:
+    if args.command in STAGES:
+        from pipeline import stages
+
+        stages.run(args.command, params, root)
+    elif args.command == "serve":
+        from pipeline.serving.app import serve
+
+        serve(params, root, args.host, args.port, args.model_uri)
+    elif args.command in ("rollback", "deploy"):
+        from pipeline import tracking
+
+        store = tracking.connect(params, root)
+        if args.command == "rollback":
+            from pipeline.promote import rollback
+
+            print(rollback(store, params, root, args.to)["summary"])
+        else:
+            from pipeline.deploy import deploy
+
+            print(deploy(store, params, root, args.target or params.serve.target)["summary"])
+    elif args.command == "summary":
+        from pipeline.summary import render
+
+        print(render(params, root))
+    elif args.command == "samples":
+        from pipeline.summary import write_samples
+
+        for path in write_samples(root, Path(args.out), args.n):
+            print(path)
+    elif args.command == "profile":
+        import shlex
+
+        from pipeline.config import load_profile, set_param_args
+
+        print(shlex.join(set_param_args(load_profile(args.file, root / "params.yaml"))))
+    elif args.command == "schedule":
+        from flows.deployments import main as serve_deployments
+
+        serve_deployments(root)
+    elif args.command == "flow":
+        import yaml
+
+        from flows.pipeline import training_pipeline
+
+        overrides = {k: yaml.safe_load(v) for k, _, v in (a.partition("=") for a in args.set_param)}
+        state = training_pipeline(force=args.force, params=overrides or None, return_state=True)
+        print(state.message)
+        return 0 if state.is_completed() else 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     root = Path.cwd()
@@ -54,58 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.stages import StageFailed
 
     try:
-        params = load_params(root / "params.yaml")
-        if args.command in STAGES:
-            from pipeline import stages
-
-            getattr(stages, args.command)(params, root)
-        elif args.command == "serve":
-            from pipeline.serve import serve
-
-            serve(params, root, args.host, args.port, args.model_uri)
-        elif args.command == "rollback":
-            from pipeline.promote import rollback
-
-            print(rollback(params, root, args.to)["summary"])
-        elif args.command == "deploy":
-            from pipeline.deploy import deploy
-
-            print(deploy(params, root, args.target or params.serve.target)["summary"])
-        elif args.command == "summary":
-            from pipeline.summary import render
-
-            print(render(params, root))
-        elif args.command == "samples":
-            from pipeline.summary import write_samples
-
-            for path in write_samples(root, Path(args.out), args.n):
-                print(path)
-        elif args.command == "profile":
-            import shlex
-
-            from pipeline.config import load_profile, set_param_args
-
-            print(shlex.join(set_param_args(load_profile(args.file, root / "params.yaml"))))
-        elif args.command == "schedule":
-            from flows.serve import main as serve_deployments
-
-            serve_deployments(root)
-        elif args.command == "flow":
-            import yaml
-
-            from flows.pipeline import training_pipeline
-
-            overrides = {k: yaml.safe_load(v) for k, _, v in (a.partition("=") for a in args.set_param)}
-            state = training_pipeline(force=args.force, params=overrides or None, return_state=True)
-            print(state.message)
-            return 0 if state.is_completed() else 1
+        return _dispatch(args, load_params(root / "params.yaml"), root)
     except ConfigError as err:
         print(f"tollgate: {err}", file=sys.stderr)
         return 2
     except (StageFailed, PromotionError, LookupError) as err:
         print(f"tollgate {args.command}: {err}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

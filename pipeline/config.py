@@ -143,12 +143,18 @@ class ServeConfig(_Section):
     max_latency_ms: float = Field(2.0, ge=0.0)
     threads: int = Field(1, ge=0)
     max_body_mb: float = Field(10.0, gt=0.0)
+    max_request_images: int = Field(1024, ge=1)
     max_image_pixels: int = Field(16_000_000, ge=1)
+    header_timeout_s: float = Field(10.0, gt=0.0)
+    body_timeout_s: float = Field(30.0, gt=0.0)
+    max_connections: int = Field(512, ge=1)
     smoke_images: int = Field(16, ge=1)
     timeout_s: float = Field(30.0, gt=0.0)
 
 
-StageName = Literal["prepare", "validate", "train", "evaluate", "register", "promote"]
+# The pipeline's stages in order: dvc.yaml declares them, `tollgate <stage>` runs one, the flow runs them all.
+STAGES = ("prepare", "validate", "train", "evaluate", "register", "promote")
+StageName = Literal[STAGES]
 
 
 class FlowConfig(_Section):
@@ -163,6 +169,7 @@ class FlowConfig(_Section):
 class MlflowConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_root: str = "mlartifacts"
+    system_metrics_s: float = Field(2.0, ge=0.0)
 
 
 class Params(_Section):

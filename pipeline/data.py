@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.io import atomic_dir, file_sha256, read_json, write_json
+from pipeline.files import atomic_dir, file_sha256, load_json, write_json
 from pipeline.sources import FILE_COLUMNS, load_raw
 
 SPLITS = ("train", "val", "test")
@@ -166,7 +166,7 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path, data_root: str | Pa
 
 
 def read_manifest(prepared_dir: str | Path) -> dict:
-    return read_json(Path(prepared_dir) / MANIFEST)
+    return load_json(Path(prepared_dir) / MANIFEST)
 
 
 def load_split(prepared_dir: str | Path, split: str) -> Dataset:

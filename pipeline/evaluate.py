@@ -1,4 +1,5 @@
-"""evaluate: test-split metrics, behavioural checks, speed and size, and the gate.
+"""evaluate: test-split metrics, behavioural checks, speed and size, the @champion re-scored now on the same
+split, and the gate.
 
 The gate's verdict is data (a table of checks), never an exception: the evaluate stage always succeeds,
 and register/promote read the verdict.
@@ -8,10 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.config import EvaluateConfig, GateConfig
+from pipeline.data import Dataset
+
+if TYPE_CHECKING:
+    from pipeline.tracking import Store
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -76,6 +82,18 @@ def quality_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str], cfg: E
     }
 
 
+def assess(
+    probs_of, x: np.ndarray, y: np.ndarray, classes: list[str], cfg: EvaluateConfig
+) -> tuple[dict, np.ndarray]:
+    """Quality and behavioural metrics of a model given as `probs_of` (pixels -> class probabilities), and
+    its predicted classes for `x`."""
+    probs = probs_of(x)
+    pred = probs.argmax(1)
+    quality = quality_metrics(probs, y, classes, cfg)
+    quality.update(stability_metrics(lambda z: probs_of(z).argmax(1), x, pred, cfg))
+    return quality, pred
+
+
 def stability_metrics(predict, x: np.ndarray, pred: np.ndarray, cfg: EvaluateConfig) -> dict:
     """Share of predictions unchanged under small perturbations; `predict` maps pixels to class ids."""
     out = {}
@@ -138,6 +156,32 @@ class Check:
         }
 
 
+def champion_scores(store: Store, name: str, test: Dataset, cfg: EvaluateConfig) -> dict | None:
+    """The current @champion, loaded from the registry and scored now on this test split, as the gate takes
+    it: {"version", "classes", "metrics"} (metrics None when it cannot be scored on this data, with
+    "error" when it cannot even be loaded), or None when there is no champion."""
+    from pipeline.model import predict_proba
+    from pipeline.tracking import CHAMPION
+
+    ref = store.version(name, CHAMPION)
+    if ref is None:
+        return None
+    try:
+        model, meta = store.load_model(ref.uri)
+    except Exception as err:  # noqa: BLE001 - the gate reports it; nothing gets compared with a guess
+        return {
+            "version": ref.version,
+            "classes": None,
+            "metrics": None,
+            "error": f"{type(err).__name__}: {err}",
+        }
+    champion = {"version": ref.version, "classes": meta["classes"], "metrics": None}
+    if meta["classes"] == test.classes and list(meta["input_shape"]) == list(test.x.shape[1:]):
+        probs = predict_proba(model, test.x).numpy()
+        champion["metrics"] = quality_metrics(probs, test.y, test.classes, cfg)
+    return champion
+
+
 def gate(candidate: dict, classes: list[str], cfg: GateConfig, champion: dict | None) -> dict:
     """Judge the candidate's metrics against absolute bounds and, when a champion exists, against the
     champion re-scored on the same test split. `champion` is {"version", "classes", "metrics"} or None
@@ -195,6 +239,19 @@ def gate(candidate: dict, classes: list[str], cfg: GateConfig, champion: dict | 
                 "no @champion yet: first model, absolute bounds alone decide",
             )
         )
+    elif champion.get("error"):
+        checks.append(
+            Check(
+                "champion loads",
+                "max_drop",
+                None,
+                f"v{champion['version']}",
+                False,
+                action("max_drop"),
+                f"@champion v{champion['version']} could not be loaded ({champion['error']}): "
+                "roll back to a version that loads (tollgate rollback --to N)",
+            )
+        )
     elif champion["metrics"] is None or champion["classes"] != classes:
         checks.append(
             Check(
@@ -235,6 +292,41 @@ def _reason(c: Check) -> str:
         broken = {">=": "<", "<=": ">"}[c.op]
         return f"{c.name} {c.value:.4f} {broken} {c.threshold:.4f}"
     return f"{c.name}: {c.detail}"
+
+
+def gate_summary(verdict: dict) -> str:
+    """The verdict in a few words, for a tag: `passed`, `passed (warned: ...)` or `failed: <checks>`."""
+    failed = [c["check"] for c in verdict["checks"] if not c["pass"]]
+    blocking = [c["check"] for c in verdict["checks"] if not c["pass"] and c["action"] == "block"]
+    if blocking:
+        return "failed: " + ", ".join(blocking)
+    return "passed" + (f" (warned: {', '.join(failed)})" if failed else "")
+
+
+def confusion_figure(cm: np.ndarray, classes: list[str]):
+    """The confusion matrix as a matplotlib figure (rows actual, columns predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(classes), 1 + 0.5 * len(classes)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set(
+        xticks=range(len(classes)),
+        yticks=range(len(classes)),
+        xticklabels=classes,
+        yticklabels=classes,
+        xlabel="predicted",
+        ylabel="actual",
+        title="confusion matrix (test)",
+    )
+    for (i, j), n in np.ndenumerate(cm):
+        ax.text(
+            j, i, str(n), ha="center", va="center", fontsize=7, color="white" if n > cm.max() / 2 else "black"
+        )
+    fig.tight_layout()
+    return fig
 
 
 def gate_markdown(verdict: dict) -> str:

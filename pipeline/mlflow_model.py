@@ -9,18 +9,14 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-from pipeline.tracking import MODEL_ARTIFACT_KEY
+from pipeline.model import MLFLOW_ARTIFACT, load, predict_proba
 
 
 class TollgateModel(PythonModel):
     def load_context(self, context):
-        from pipeline.model import load
-
-        self.model, self.meta = load(context.artifacts[MODEL_ARTIFACT_KEY])
+        self.model, self.meta = load(context.artifacts[MLFLOW_ARTIFACT])
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
-        from pipeline.model import predict_proba
-
         pixels = np.asarray(model_input, dtype=np.float32)
         return predict_proba(self.model, pixels).numpy()
 

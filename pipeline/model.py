@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.io import read_json, write_json
+from pipeline.files import load_json, write_json
 
 WEIGHTS = "model.pt"
 META = "model.json"
+# Name of this folder inside a logged MLflow pyfunc model (see pipeline/mlflow_model.py).
+MLFLOW_ARTIFACT = "model_dir"
 
 
 def _block(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -106,7 +108,7 @@ def save(model: Classifier, meta: dict, out_dir: str | Path) -> None:
 
 def load(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:
     model_dir = Path(model_dir)
-    meta = read_json(model_dir / META)
+    meta = load_json(model_dir / META)
     model = build(meta)
     model.load_state_dict(torch.load(model_dir / WEIGHTS, map_location=device, weights_only=True))
     return model.to(device).eval(), meta

@@ -18,3 +18,7 @@ PROMOTION = "reports/promotion.json"
 TRAIN_CHECKPOINT = ".tollgate/checkpoints/train.pt"  # while training runs; removed once models/ is written
 SERVER_STATE = ".tollgate/server.json"
 KSERVE_MANIFEST = "deploy/kserve-inferenceservice.yaml"  # written by the kserve target, applied by people
+PROMOTE_LOCK = ".tollgate/promote.lock"  # serialises promotions, rollbacks and a server's start
+PROMOTION_INTENT = ".tollgate/promotion-intent.json"  # a promotion in progress, for recovery after a kill
+STAGE_LOCK = ".tollgate/stage.lock"  # held by every running stage process of this checkout
+PIPELINE_LOCK = ".tollgate/pipeline.lock"  # held by a Prefect flow run for its whole run

@@ -1,29 +1,92 @@
 """promote: move @champion to a registered version and make the serving target follow, or roll back.
 
-The alias and the served version must never disagree for long: promotions hold a file lock for the whole
-move-verify-or-revert sequence, and a failed verification restores the previous champion on both sides.
+`@champion` and the version the server answers with must never disagree. Under one file lock (which a
+starting server also takes), a move goes:
+
+1. finish or undo whatever a killed promotion left (its intent record, below);
+2. find this checkout's server: one that is registered and alive but does not answer fails the move;
+3. load the version from the registry the way the server will and predict on test images: a version that
+   cannot load (missing artifacts, truncated weights, a registry error) never becomes champion;
+4. write the intent record (from, to), move `@champion`, make the server reload and verify it serves the
+   version and predicts like the registry's copy; any exception here puts alias and server back;
+5. mark the record verified, point `@previous` at the old champion, remove the record.
+
+A process killed inside 4 leaves the record in phase "moving": the next promote, rollback or server start
+undoes the move. Killed inside 5, it finds "verified" and completes it.
+
+A deliberate rollback is remembered on the version it left (tag `tollgate.rolled_back`): the promote stage
+re-running for that version (after an unrelated params change) does not put it back; `tollgate rollback
+--to N` still does, and clears the mark.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import paths, tracking
+from pipeline import failpoints, paths
 from pipeline.config import Params
-from pipeline.target import Server, running_server
+from pipeline.files import locked, read_report, write_json
+from pipeline.serving.client import Server, Unreachable, running_server
+from pipeline.tracking import CHAMPION, PREVIOUS, Store, VersionRef, model_uri
+
+ROLLED_BACK = "tollgate.rolled_back"
 
 
 class PromotionError(RuntimeError):
-    """The serving target did not verifiably serve the new version; the alias was put back."""
+    """The move did not happen or was undone; the message says why and where the alias stands."""
+
+
+@contextlib.contextmanager
+def lock(root: Path, params: Params) -> Iterator[None]:
+    """The promotion lock of this checkout: promotions, rollbacks and a server's start take turns."""
+    from filelock import Timeout
+
+    waiting = f"waiting for the promotion in progress ({paths.PROMOTE_LOCK})"
+    try:
+        with locked(root / paths.PROMOTE_LOCK, waiting, timeout=params.serve.timeout_s * 4):
+            yield
+    except Timeout:
+        raise PromotionError(f"another promotion holds {paths.PROMOTE_LOCK}; gave up waiting") from None
+
+
+def _smoke_images(root: Path, shape: list[int], n: int) -> np.ndarray:
+    """Test images to check a model with: the prepared test split when it fits the model, else a fixed
+    random batch (a fresh checkout with no prepared data can still roll back)."""
+    from pipeline.data import load_split
+
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        x = load_split(root / paths.PREPARED_DIR, "test").x
+        if list(x.shape[1:]) == list(shape) and len(x):
+            return np.asarray(x[:n])
+    return np.random.default_rng(0).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+def smoke_check(store: Store, params: Params, root: Path, version: str) -> tuple[np.ndarray, np.ndarray]:
+    """Load `version` from the registry as the server will and predict on test images: the images and the
+    classes a server serving it must reproduce. Any failure means the version cannot be served."""
+    from pipeline.model import predict_proba
+
+    name = params.registry.model_name
+    try:
+        model, meta = store.load_model(model_uri(name, version))
+        smoke_x = _smoke_images(root, meta["input_shape"], params.serve.smoke_images)
+        return smoke_x, predict_proba(model, smoke_x).argmax(1).numpy()
+    except Exception as err:  # noqa: BLE001 - whatever breaks, this version must not become champion
+        raise PromotionError(
+            f"v{version} cannot be loaded from the registry ({type(err).__name__}: {err}); nothing moved"
+        ) from None
 
 
 def verify(
     server: Server, name: str, version: str, smoke_x: np.ndarray, expected: np.ndarray, timeout: float
-) -> None:
-    """Reload the server onto @champion, then check it reports `version` and predicts like evaluation did."""
+):
+    """Reload the server onto @champion, then check it reports `version` and predicts like the registry."""
     served = server.call("POST", "/admin/reload", timeout=timeout)
     if str(served.get("version")) != version:
         raise PromotionError(f"server reloaded version {served.get('version')}, expected {version}")
@@ -34,52 +97,98 @@ def verify(
     got = np.asarray(out["predictions"]).argmax(1)
     if not np.array_equal(got, expected):
         raise PromotionError(
-            f"server predictions differ from evaluation on {int((got != expected).sum())} "
+            f"server predictions differ from the registry's model on {int((got != expected).sum())} "
             f"of {len(expected)} smoke images"
         )
 
 
-def smoke_check(params: Params, root: Path, model_uri: str) -> tuple[np.ndarray, np.ndarray]:
-    """Test images and the classes the given MLflow model predicts for them, loaded the way the server
-    loads it: what the serving target must reproduce."""
-
-    from pipeline.data import load_split
-    from pipeline.model import predict_proba
-
-    smoke_x = np.asarray(load_split(root / paths.PREPARED_DIR, "test").x[: params.serve.smoke_images])
-    model, _ = tracking.load_model(model_uri)
-    return smoke_x, predict_proba(model, smoke_x).argmax(1).numpy()
+def _intent(root: Path) -> Path:
+    return root / paths.PROMOTION_INTENT
 
 
-def move_champion(params: Params, root: Path, version: str) -> dict:
-    """Point @champion at `version`, push it to the running server and verify; restore on failure.
-    Promotion and rollback both come through here."""
-    from filelock import FileLock
-    from mlflow import MlflowClient
+def _reload_quietly(server: Server | None, timeout: float) -> str:
+    """Point the server back at @champion; '' or a note saying it could not be reloaded."""
+    if server is None:
+        return ""
+    try:
+        server.call("POST", "/admin/reload", timeout=timeout)
+    except (OSError, ValueError) as err:
+        return f"; the server at {server.url} could not be reloaded ({err}): restart it"
+    return ""
+
+
+def recover(store: Store, params: Params, root: Path) -> str | None:
+    """Finish (phase verified) or undo (phase moving) a promotion whose process died; call under `lock`.
+    Returns what was done, or None when nothing was pending."""
+    intent = read_report(_intent(root))
+    if not intent:
+        return None
+    name, before, after = intent["name"], intent["from"], intent["to"]
+    if intent["phase"] == "verified":
+        if before is not None and before != after:
+            store.point(name, PREVIOUS, before)
+        done = f"completed the interrupted promotion of v{after}"
+    else:
+        store.point(name, CHAMPION, before)
+        server = None
+        with contextlib.suppress(Unreachable):
+            server = running_server(root, params.serve.timeout_s)
+        note = _reload_quietly(server, params.serve.timeout_s)
+        now = f"v{before}" if before else "unset"
+        done = f"undid the interrupted promotion of v{after}: @champion is {now}{note}"
+    _intent(root).unlink(missing_ok=True)
+    print(f"[tollgate] {done}", flush=True)
+    return done
+
+
+def move_champion(store: Store, params: Params, root: Path, version: str) -> dict:
+    """Point @champion at `version` with the server following and verified, or change nothing (see the
+    module docstring for the sequence). Promotion and rollback both come through here."""
+    from mlflow.exceptions import MlflowException
 
     name = params.registry.model_name
-    client = MlflowClient()
-    client.get_model_version(name, version)  # fails clearly for a version that does not exist
-    lock_path = root / ".tollgate" / "promote.lock"
-    lock_path.parent.mkdir(exist_ok=True)
-    # Held across alias move, reload and verification, so two promotions cannot interleave and leave the
-    # alias and the served version disagreeing.
-    with FileLock(str(lock_path), timeout=params.serve.timeout_s * 4):
-        previous = tracking.alias_version(name, tracking.CHAMPION)
-        client.set_registered_model_alias(name, tracking.CHAMPION, version)
-        server = running_server(root)
-        if server is not None:
-            try:
-                smoke_x, expected = smoke_check(params, root, f"models:/{name}/{version}")
-                verify(server, name, version, smoke_x, expected, params.serve.timeout_s)
-            except (PromotionError, OSError, ValueError, KeyError) as err:
-                _restore(client, server, name, previous)
-                back = f"v{previous.version}" if previous else "no champion"
-                raise PromotionError(
-                    f"serving target failed verification of v{version}: {err}; @champion restored to {back}"
-                ) from None
-        if previous is not None and previous.version != version:
-            client.set_registered_model_alias(name, tracking.PREVIOUS, previous.version)
+    timeout = params.serve.timeout_s
+    try:
+        store.client.get_model_version(name, version)
+    except MlflowException as err:
+        raise PromotionError(f"{name} has no version {version}: {err.message}") from None
+    with lock(root, params):
+        recover(store, params, root)
+        previous = store.version(name, CHAMPION)
+        try:
+            server = running_server(root, timeout)
+        except Unreachable as err:
+            raise PromotionError(
+                f"{err}; nothing moved (a busy or stuck server is not an absent one)"
+            ) from None
+        smoke_x, expected = smoke_check(store, params, root, version)
+        before = previous.version if previous else None
+        write_json(_intent(root), {"name": name, "from": before, "to": version, "phase": "moving",
+                                   "pid": os.getpid(), "time": time.time()})  # fmt: skip
+        try:
+            store.point(name, CHAMPION, version)
+            failpoints.reach("promote:alias-moved")
+            if server is not None:
+                verify(server, name, version, smoke_x, expected, timeout)
+        except BaseException as err:  # anything at all, Ctrl-C included: put both sides back
+            store.point(name, CHAMPION, before)
+            note = _reload_quietly(server, timeout)
+            _intent(root).unlink(missing_ok=True)
+            if not isinstance(err, Exception):
+                raise
+            back = f"v{before}" if before else "no champion"
+            raise PromotionError(
+                f"serving target failed verification of v{version}: {err}; @champion restored to {back}{note}"
+            ) from None
+        write_json(_intent(root), {"name": name, "from": before, "to": version, "phase": "verified"})
+        failpoints.reach("promote:verified")
+        if before is not None and before != version:
+            store.point(name, PREVIOUS, before)
+        _intent(root).unlink(missing_ok=True)
+    return _moved(name, version, previous, server)
+
+
+def _moved(name: str, version: str, previous: VersionRef | None, server: Server | None) -> dict:
     moved = previous is None or previous.version != version
     return {
         "promoted": True,
@@ -100,36 +209,46 @@ def move_champion(params: Params, root: Path, version: str) -> dict:
     }
 
 
-def _restore(client, server: Server, name: str, previous: tracking.VersionRef | None) -> None:
-    if previous is None:
-        client.delete_registered_model_alias(name, tracking.CHAMPION)
-        return
-    client.set_registered_model_alias(name, tracking.CHAMPION, previous.version)
-    # The server keeps its last good model when a reload fails; the alias is what matters here.
-    with contextlib.suppress(OSError, ValueError):
-        server.call("POST", "/admin/reload")
-
-
-def rollback(params: Params, root: Path, to: str | None = None) -> dict:
-    """Make `to` (default: @previous) the champion again, verified like a promotion."""
-    tracking.connect(params, root)
+def rollback(store: Store, params: Params, root: Path, to: str | None = None) -> dict:
+    """Make `to` (default: @previous) the champion again, verified like a promotion. The version left
+    behind is marked as rolled back, so the pipeline does not promote it again by itself."""
     name = params.registry.model_name
     if to is None:
-        ref = tracking.alias_version(name, tracking.PREVIOUS)
+        ref = store.version(name, PREVIOUS)
         if ref is None:
             raise PromotionError(f"{name} has no @previous version to roll back to; name one with --to")
         to = ref.version
-    return move_champion(params, root, str(to))
+    from mlflow.exceptions import MlflowException
+
+    to = str(to)
+    result = move_champion(store, params, root, to)
+    left = result["previous"]
+    if left is not None and left != to:
+        store.client.set_model_version_tag(
+            name, left, ROLLED_BACK, f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} to v{to}"
+        )
+    with contextlib.suppress(MlflowException):  # chosen on purpose now: no longer "rolled back"
+        store.client.delete_model_version_tag(name, to, ROLLED_BACK)
+    return result
 
 
-def promote(params: Params, root: Path, version: str) -> dict:
-    """`move_champion`, then hand the champion to `serve.target` when it is not the local server: what
-    `tollgate promote` and the Prefect `promote` flow both do."""
-    tracking.connect(params, root)
-    result = move_champion(params, root, version)
+def promote(store: Store, params: Params, root: Path, version: str) -> dict:
+    """What the promote stage does for the version register just made: `move_champion`, unless that version
+    was rolled back on purpose, then hand the champion to `serve.target` when it is not the local server."""
+    name = params.registry.model_name
+    mark = store.client.get_model_version(name, version).tags.get(ROLLED_BACK)
+    if mark:
+        return {
+            "promoted": False,
+            "name": name,
+            "version": version,
+            "reason": f"v{version} was rolled back ({mark}); not promoted again by the pipeline. "
+            f"To make it champion on purpose: tollgate rollback --to {version}",
+        }
+    result = move_champion(store, params, root, version)
     if params.serve.target != "local":
         from pipeline.deploy import deploy
 
-        result["deploy"] = deploy(params, root, params.serve.target)
+        result["deploy"] = deploy(store, params, root, params.serve.target)
         result["summary"] += "; " + result["deploy"]["summary"]
     return result

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.io import file_sha256
+from pipeline.files import file_sha256
+from pipeline.images import channel_count, to_pixels
 
 # What torchvision's ImageFolder accepts, minus formats that carry no pixels we could train on.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -53,8 +54,6 @@ def _unpack(cls, root: Path) -> None:
     """Unpack archives already on disk (a copied-in or half-finished download): local work, no network.
     torchvision only unpacks as part of a download, and checks the archive's checksum first, which a
     re-compressed copy of the same files fails."""
-    from torchvision.datasets.utils import extract_archive
-
     if hasattr(cls, "resources"):  # MNIST family: one gzip per array in <root>/<Class>/raw
         pairs = [(root / cls.__name__ / "raw" / name, root / cls.__name__ / "raw" / name[:-3])
                  for name, _ in cls.resources]  # fmt: skip
@@ -62,7 +61,29 @@ def _unpack(cls, root: Path) -> None:
         pairs = [(root / cls.filename, root / cls.base_folder)]
     for archive, target in pairs:
         if archive.is_file() and not target.exists():
-            extract_archive(str(archive), str(target.parent))
+            extract(archive, target.parent)
+
+
+def extract(archive: Path, into: Path) -> None:
+    """Unpack a .tar(.gz) or a single-file .gz into `into`. Tar members go through the standard library's
+    "data" filter: an absolute path, a `..` escape, a link pointing outside or a device file is refused
+    instead of being written outside the data folder."""
+    import gzip
+    import tarfile
+
+    from pipeline.files import write_bytes
+
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tar:
+            try:
+                tar.extractall(into, filter="data")
+            except tarfile.FilterError as err:
+                raise SourceError(f"{archive} is unsafe to unpack; refused: {err}") from None
+    elif archive.suffix == ".gz":
+        with gzip.open(archive) as f:
+            write_bytes(into / archive.name[:-3], f.read())
+    else:
+        raise SourceError(f"{archive}: cannot unpack (expected .tar, .tar.gz or .gz)")
 
 
 def load_torchvision(cfg: DataConfig, root: Path) -> Raw:
@@ -96,32 +117,37 @@ def _convert_array(x: np.ndarray, cfg: DataConfig) -> np.ndarray:
     c = cfg.channels or x.shape[3]
     out = np.empty((len(x), h, w, c), dtype=np.uint8)
     for i, img in enumerate(x):
-        out[i] = _pixels(Image.fromarray(img[..., 0] if img.shape[2] == 1 else img), h, w, c)
+        out[i] = to_pixels(Image.fromarray(img[..., 0] if img.shape[2] == 1 else img), h, w, c)
     return out
 
 
-def _pixels(img, h: int, w: int, c: int) -> np.ndarray:
-    from PIL import Image
-
-    img = img.convert("L" if c == 1 else "RGB")
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8).reshape(h, w, c)
-
-
-def _channels(img) -> int:
-    """Colour channels a file carries, alpha not counted (it is dropped when converting)."""
-    bands = [b for b in img.getbands() if b != "A"]
-    return 3 if img.mode == "P" else len(bands)
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def _class_dirs(root: Path) -> tuple[list[str], list[tuple[str, Path]]]:
-    """Classes and (split, folder) pairs: `root/<class>/` or, when present, `root/<split>/<class>/`."""
+    """Classes and (split, folder) pairs: `root/<class>/` or, when present, `root/<split>/<class>/`.
+    A layout that could mean either is refused: guessing would train on the wrong labels."""
     splits = [s for s in SPLIT_DIRS if (root / s).is_dir()]
+    if splits:
+        beside = [p.name for p in _visible(root) if p.is_dir() and p.name not in SPLIT_DIRS]
+        if beside:
+            raise SourceError(
+                f"ambiguous layout in {root}: split folders ({', '.join(splits)}) and class folders "
+                f"({', '.join(beside[:5])}) side by side. Put every class inside the split folders "
+                f"({root}/train/<class>/...), or rename a class folder called {' or '.join(splits)}: "
+                f"folders named {', '.join(SPLIT_DIRS)} are taken for splits"
+            )
+        for split in splits:
+            loose = [p.name for p in _visible(root / split) if p.is_file()]
+            if loose:
+                raise SourceError(
+                    f"ambiguous layout: {root / split} holds files directly ({', '.join(loose[:3])}). "
+                    f"Folders named {', '.join(SPLIT_DIRS)} are taken for splits holding class folders; "
+                    f"if {split} is a class, rename its folder"
+                )
     folders = [(s, root / s) for s in splits] if splits else [("", root)]
-    classes = sorted(
-        {d.name for _, f in folders for d in f.iterdir() if d.is_dir() and not d.name.startswith(".")}
-    )
+    classes = sorted({d.name for _, f in folders for d in _visible(f) if d.is_dir()})
     return classes, [(s, f / c) for s, f in folders for c in classes]
 
 
@@ -156,7 +182,7 @@ def load_imagefolder(cfg: DataConfig, root: Path, scratch: Path) -> Raw:
         if row["error"] is None:
             try:
                 with Image.open(root / row["path"]) as img:
-                    x[n] = _pixels(img, h, w, c_out)  # a truncated file fails here, in the full decode
+                    x[n] = to_pixels(img, h, w, c_out)  # a truncated file fails here, in the full decode
             except Exception as err:  # PIL raises many types for bad bytes; all mean "unreadable"
                 row["error"] = f"unreadable: {type(err).__name__}: {err}"
                 continue
@@ -182,7 +208,7 @@ def _describe_file(root: Path, split: str, label: str, path: Path) -> dict:
     row["kind"] = "image"
     try:
         with Image.open(path) as img:
-            row.update(width=img.width, height=img.height, channels=_channels(img))
+            row.update(width=img.width, height=img.height, channels=channel_count(img))
     except Exception as err:  # not an image at all, whatever its name says
         row["error"] = f"unreadable: {type(err).__name__}: {err}"
     return row

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.config import Params
-from pipeline.io import read_report
+from pipeline.files import read_report
 
 
 def _fmt(v: object) -> str:

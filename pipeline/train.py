@@ -185,10 +185,17 @@ def _evaluate(model: nn.Module, batches: Batches, batch_size: int, speed: Speed)
     return loss / max(batches.n, 1), correct / max(batches.n, 1)
 
 
-def fingerprint(cfg: TrainConfig, seed: int, meta: dict, world_size: int) -> str:
-    """What a checkpoint must match to be resumed: the training config, seed, model and data, and the
-    number of processes. Anything else starts afresh."""
-    keep = {"seed": seed, "world": world_size, "train": cfg.model_dump(mode="json"), "meta": meta}
+def fingerprint(cfg: TrainConfig, seed: int, meta: dict, world_size: int, code: str) -> str:
+    """What a checkpoint must match to be resumed: the training config, seed, model and data, the number of
+    processes, and `code` (a digest of the source the stage runs): a network changed in between must not
+    be continued from the old one's weights. Anything else starts afresh."""
+    keep = {
+        "seed": seed,
+        "world": world_size,
+        "train": cfg.model_dump(mode="json"),
+        "meta": meta,
+        "code": code,
+    }
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
@@ -200,12 +207,18 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path | None, key: str) -> dict | None:
-    """The checkpoint at `path` if it belongs to the run `key` names (see `fingerprint`), else None."""
-    if path is None or not path.exists():
+def load_checkpoint(path: Path, key: str) -> dict | None:
+    """The checkpoint at `path` if it belongs to the run `key` names (see `fingerprint`), else None. One
+    that cannot be read (truncated, corrupt) is removed: it could only fail every later run."""
+    if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    return state if state.get("fingerprint") == key else None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
+        print(f"[tollgate] discarding unreadable checkpoint {path} ({type(err).__name__}: {err})", flush=True)
+        path.unlink(missing_ok=True)
+        return None
+    return state if isinstance(state, dict) and state.get("fingerprint") == key else None
 
 
 def train(
@@ -218,10 +231,11 @@ def train(
     checkpoint: Path | None = None,
     resume: dict | None = None,
     extra_state: dict | None = None,
+    run_key: str = "",
 ) -> TrainResult:
-    """Fit from scratch, or from `resume`: a checkpoint of this same run, as `load_checkpoint` returns it.
-    Every epoch ends with a checkpoint written to `checkpoint`, holding `extra_state` for the caller
-    (e.g. its MLflow run id)."""
+    """Fit from scratch, or from `resume`: a checkpoint of this same run, as `load_checkpoint` returns it
+    for `run_key` (see `fingerprint`). Every epoch ends with a checkpoint written to `checkpoint`, holding
+    `run_key` and `extra_state` for the caller (e.g. its MLflow run id)."""
     rank, world_size = world()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     set_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
@@ -248,12 +262,11 @@ def train(
     sched = _schedule(opt, cfg, max(1, cfg.epochs * steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    key = fingerprint(cfg, seed, meta, world_size)
     history: list[dict] = []
     best = {"val_loss": float("inf"), "epoch": 0, "weights": None, "stale": 0}
     start_epoch = 1
     if resume is not None:
-        if resume["fingerprint"] != key:
+        if resume["fingerprint"] != run_key:
             raise ValueError("the checkpoint to resume is from another run (see train.fingerprint)")
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
@@ -330,7 +343,7 @@ def train(
             _save_checkpoint(
                 checkpoint,
                 {
-                    "fingerprint": key,
+                    "fingerprint": run_key,
                     "config": {"seed": seed, "train": cfg.model_dump(mode="json"), "meta": meta},
                     "epoch": epoch,
                     "model": model.state_dict(),

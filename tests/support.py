@@ -11,13 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.serving.client import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def tool_env() -> dict[str, str]:
+def tool_env(project: Path | None = None) -> dict[str, str]:
     """The environment stage commands need: this venv's entry points first, no telemetry, and no inherited
-    MLflow store (each project copy uses its own SQLite file)."""
+    MLflow store (each project copy uses its own SQLite file). In a project copy, its own `pipeline`
+    package runs (ahead of the editable install of this checkout), as in a user's clone."""
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -26,6 +29,8 @@ def tool_env() -> dict[str, str]:
         "GX_ANALYTICS_ENABLED": "false",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
+    if project is not None and (project / "pipeline").is_dir():
+        env["PYTHONPATH"] = str(project)
     return env
 
 
@@ -70,8 +75,19 @@ def make_project(dst: Path) -> Path:
     return dst
 
 
+def two_version_project(dst: Path) -> Path:
+    """A fresh project after two pipeline runs: v2 (13 epochs) @champion, v1 @previous."""
+    project = make_project(dst)
+    run(["dvc", "repro"], cwd=project)
+    set_param(project, "train.epochs", 13)
+    run(["dvc", "repro"], cwd=project)
+    champion = model_client(project).get_model_version_by_alias("tollgate-classifier", "champion")
+    assert str(champion.version) == "2"
+    return project
+
+
 def run(cmd: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**tool_env(), **env})
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**tool_env(cwd), **env})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -87,14 +103,6 @@ def set_param(project: Path, dotted: str, value: object) -> None:
     params = yaml.safe_load(path.read_text())
     set_dotted(params, {dotted: value})
     path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(
@@ -135,7 +143,8 @@ class Server:
 
     health = "/v2/health/live"
 
-    def __init__(self, project: Path, env: dict[str, str] | None = None):
+    def __init__(self, project: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
+        self.args = args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(project / f"{type(self).__name__}.log", "w")  # noqa: SIM115 - lives as long as the server
@@ -144,12 +153,12 @@ class Server:
             cwd=project,
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env={**tool_env(), **(env or {})},
+            env={**tool_env(project), **(env or {})},
         )
         wait_http(self.url + self.health, self.proc)
 
     def command(self) -> list[str]:
-        return ["tollgate", "serve", "--port", str(self.port)]
+        return ["tollgate", "serve", "--port", str(self.port), *self.args]
 
     def stop(self) -> None:
         self.proc.terminate()

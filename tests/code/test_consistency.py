@@ -6,9 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import paths
-from pipeline.cli import STAGES
-from pipeline.config import load_params
+from pipeline import codegraph, paths
+from pipeline.config import STAGES, load_params
 from tests.support import ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -43,13 +42,23 @@ def test_stages_match_the_cli_in_order():
 
 def test_every_output_path_is_one_the_code_writes():
     declared = set().union(*(_out_paths(s) for s in DVC["stages"].values()))
-    code_paths = {v for k, v in vars(paths).items() if k.isupper()} - {
+    # runtime state (.tollgate/), the params file and what people apply by hand are not stage outputs
+    code_paths = {v for k, v in vars(paths).items() if k.isupper() and not v.startswith(".tollgate/")} - {
         paths.PARAMS,
-        paths.SERVER_STATE,
-        paths.TRAIN_CHECKPOINT,
         paths.KSERVE_MANIFEST,
     }
     assert declared == code_paths
+
+
+def test_uncached_outputs_persist_so_a_failed_stage_keeps_the_previous_ones():
+    for name, stage in DVC["stages"].items():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                if isinstance(entry, dict):
+                    ((path, opts),) = entry.items()
+                    if opts.get("cache") is False:
+                        gone = f"{name}: {path} would be deleted before the stage runs"
+                        assert opts.get("persist") is True, gone
 
 
 def test_each_stage_depends_on_the_outputs_it_reads():
@@ -80,31 +89,75 @@ def test_stage_params_exist_in_params_yaml():
                 node = node[part]
 
 
+def _stage_modules(name: str) -> set[str]:
+    return codegraph.closure([f"pipeline.stages.{name}"])
+
+
+def test_each_stage_depends_on_exactly_the_modules_it_runs():
+    # A module a stage runs but does not list would let `dvc repro` call stale outputs up to date.
+    for name, stage in DVC["stages"].items():
+        listed = {d for d in stage["deps"] if d.startswith("pipeline/")}
+        runs = set(codegraph.files(_stage_modules(name)))
+        assert not runs - listed, f"stage {name}: dvc.yaml lacks deps {sorted(runs - listed)}"
+        assert not listed - runs, f"stage {name}: dvc.yaml lists deps it does not run {sorted(listed - runs)}"
+    shared = {"pipeline/config.py", "pipeline/paths.py", "pipeline/files.py", "pipeline/stages/__init__.py"}
+    for name, stage in DVC["stages"].items():
+        assert shared <= set(stage["deps"]), name
+
+
+def test_the_module_graph_follows_lazy_imports_and_process_entry_points():
+    modules = codegraph.closure(["pipeline.stages.register"])
+    assert "pipeline.mlflow_model" in modules  # handed to MLflow as model-from-code
+    assert "pipeline.serving.app" in modules  # infra validation starts it as a process
+    assert "pipeline.validate" not in modules and "pipeline.cli" not in modules
+    # imported inside a function
+    assert "pipeline.tracking" in codegraph.closure(["pipeline.stages.validate"])
+    assert "pipeline" not in modules  # a package __init__ with no code is no dependency
+
+
 # Where results are recorded, not what they are: moving the tracking store must not retrain anything.
-WHERE_NOT_WHAT = {"mlflow", "registry", "section_hash"}
+WHERE_NOT_WHAT = {"mlflow", "registry.experiment"}
 ALIASES = {"validate_": "validate"}
 
 
-def _params_read(path: Path, func: str | None = None) -> set[str]:
-    """Sections read as `params.<section>` in a module, or in one of its functions."""
-    tree = ast.parse(path.read_text())
-    scopes = (
-        [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == func] if func else [tree]
-    )
-    return {
-        ALIASES.get(n.attr, n.attr)
-        for scope in scopes
-        for n in ast.walk(scope)
-        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "params"
-    }
+def _params_read(modules: set[str]) -> set[str]:
+    """Dotted keys read as `params.<section>[.<key>]` anywhere in `modules` (a whole section when the code
+    takes the section itself); method calls such as `params.section_hash(...)` are not reads."""
+    found = set()
+    for module in modules:
+        tree = ast.parse(codegraph.module_file(module).read_text())
+        parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Name) and node.id == "params"):
+                continue
+            chain, top = [], node
+            while isinstance(parent.get(top), ast.Attribute):
+                top = parent[top]
+                chain.append(top.attr)
+            if isinstance(parent.get(top), ast.Call) and parent[top].func is top:
+                chain = chain[:-1]
+            if chain:
+                found.add(".".join([ALIASES.get(chain[0], chain[0]), *chain[1:2]]))
+    return found
 
 
-def test_stage_params_cover_what_the_stage_reads():
+def _covered(key: str, listed: set[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in listed)
+
+
+def test_stage_params_cover_what_every_module_of_the_stage_reads():
     # A value a stage reads but dvc.yaml does not list would not re-run the stage when it changes.
-    helpers = {"register": "registry.py", "promote": "promote.py"}
     for name, stage in DVC["stages"].items():
-        read = _params_read(ROOT / "pipeline" / "stages.py", name)
-        if name in helpers:
-            read |= _params_read(ROOT / "pipeline" / helpers[name])
-        listed = {p.split(".")[0] for p in stage.get("params", [])}
-        assert read - WHERE_NOT_WHAT <= listed, (name, read - WHERE_NOT_WHAT - listed)
+        read = _params_read(_stage_modules(name))
+        listed = set(stage.get("params", []))
+        missing = {k for k in read if not _covered(k, listed) and not _covered(k, WHERE_NOT_WHAT)}
+        assert not missing, f"stage {name} reads {sorted(missing)} but dvc.yaml does not list them"
+
+
+def test_promote_depends_only_on_the_serve_values_promotion_reads():
+    # Tuning the server (batching, timeouts) must not re-run promote and re-promote a rolled-back version.
+    promote = set(DVC["stages"]["promote"]["params"])
+    assert "serve" not in promote and "serve.max_latency_ms" not in promote
+    assert {k for k in _params_read(_stage_modules("promote")) if k.startswith("serve")} == {
+        p for p in promote if p.startswith("serve")
+    }

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline import paths, stages
 from pipeline.config import load_params, parse_params
-from pipeline.io import read_json
+from pipeline.files import load_json
 from tests.support import ROOT, model_client, write_image, write_image_folder
 
 
@@ -40,24 +40,24 @@ def _params(**overrides):
 def _validate(project, **overrides) -> str:
     """Run prepare then validate; the validate stage's failure message (the test fails if it passes)."""
     params = _params(**overrides)
-    stages.prepare(params, project)
+    stages.run("prepare", params, project)
     with pytest.raises(stages.StageFailed) as err:
-        stages.validate(params, project)
+        stages.run("validate", params, project)
     return str(err.value)
 
 
 def test_a_clean_folder_passes_and_writes_json_and_data_docs(project):
     write_image_folder(project / "images")
     params = _params()
-    stages.prepare(params, project)
-    report = stages.validate(params, project)
+    stages.run("prepare", params, project)
+    report = stages.run("validate", params, project)
     assert report["passed"] and not report["warnings"]
     ids = {c["id"] for c in report["checks"]}
     assert {"unreadable_files", "non_image_files", "leakage", "duplicates", "class_imbalance"} <= ids
     assert "channels" not in ids  # converted on purpose (data.channels: 3): mixed modes are fine
     index = (project / paths.DATA_DOCS / "index.html").read_text()
     assert "files" in index and "classes" in index
-    assert read_json(project / paths.VALIDATION_REPORT) == report
+    assert load_json(project / paths.VALIDATION_REPORT) == report
 
 
 def test_1_unreadable_and_truncated_images(project):
@@ -131,26 +131,26 @@ def test_8_constant_blank_images(project):
 def test_9_labels_outside_the_class_list(project):
     write_image_folder(project / "images")
     params = _params()
-    stages.prepare(params, project)
+    stages.run("prepare", params, project)
     y = np.load(project / paths.PREPARED_DIR / "val_y.npy")
     y[0] = 7
     np.save(project / paths.PREPARED_DIR / "val_y.npy", y)
     with pytest.raises(
         stages.StageFailed, match=r"val: labels in class list: 1 labels outside the class list \(7\)"
     ):
-        stages.validate(params, project)
+        stages.run("validate", params, project)
 
 
 def test_10_nan_inf_and_out_of_range_values_in_prepared_arrays(project):
     write_image_folder(project / "images")
     params = _params(validate__pixel_max=250)
-    stages.prepare(params, project)
+    stages.run("prepare", params, project)
     x = np.load(project / paths.PREPARED_DIR / "train_x.npy").astype(np.float32)
     x[0, 0, 0, 0] = np.nan
     x[1, 0, 0, 0] = np.inf
     np.save(project / paths.PREPARED_DIR / "train_x.npy", x)
     with pytest.raises(stages.StageFailed) as err:
-        stages.validate(params, project)
+        stages.run("validate", params, project)
     msg = str(err.value)
     assert "train: no NaN or inf pixels: 2 rows with unexpected finite" in msg
     assert "train: dtype is uint8" in msg and "train: pixel range (max)" in msg
@@ -184,18 +184,18 @@ def test_warn_only_checks_report_without_stopping(project):
     for i in range(8):
         shutil.copy(root / "left" / "left_001.png", root / "left" / f"again_{i}.png")
     params = _params(validate__max_duplicate_fraction=0.02, validate__warn_only=["duplicates"])
-    stages.prepare(params, project)
-    report = stages.validate(params, project)
+    stages.run("prepare", params, project)
+    report = stages.run("validate", params, project)
     assert report["passed"] and not report["failures"]
     assert any("at most 2% duplicate images" in w for w in report["warnings"])
-    assert read_json(project / paths.VALIDATION_REPORT)["warnings"] == report["warnings"]
+    assert load_json(project / paths.VALIDATION_REPORT)["warnings"] == report["warnings"]
 
 
 def test_a_failed_validation_is_recorded_in_its_own_mlflow_run(project, store):
     root = write_image_folder(project / "images")
     (root / "ring" / "notes.txt").write_text("x")
     assert "MLflow run " in _validate(project)
-    report = read_json(project / paths.VALIDATION_REPORT)
+    report = load_json(project / paths.VALIDATION_REPORT)
     client = model_client(store)
     run = client.get_run(report["mlflow_run_id"])
     assert run.data.tags["tollgate.validation"] == "failed"

@@ -11,6 +11,7 @@ import pytest
 from pipeline import stages
 from pipeline.config import DataConfig, ValidateConfig, load_params
 from pipeline.data import FILES, load_split, prepare, read_manifest
+from pipeline.sources import SourceError
 from pipeline.validate import run_suite
 from tests.support import MNIST_FILES, ROOT, link_source_files, write_image_folder
 
@@ -49,7 +50,7 @@ def test_a_missing_dataset_with_download_off_fails_with_what_to_do(tmp_path):
         update={"data": DataConfig(source="fashion_mnist", root="nowhere")}
     )
     with pytest.raises(stages.StageFailed, match="fashion_mnist not found under .*set data.download: true"):
-        stages.prepare(params, tmp_path)
+        stages.run("prepare", params, tmp_path)
     assert not (tmp_path / "data" / "prepared").exists()
 
 
@@ -84,3 +85,41 @@ def test_explicit_split_folders_are_honoured(tmp_path):
     assert manifest["counts"]["val"] == {"left": 2, "ring": 2, "top": 2}  # cut from train/, not from test/
     with open(tmp_path / "p" / FILES) as f:
         assert all(r["path"].startswith("test/") == (r["split"] == "test") for r in csv.DictReader(f))
+
+
+def test_a_class_folder_named_like_a_split_is_refused_not_taken_for_a_split(tmp_path):
+    root = write_image_folder(tmp_path / "images", per_class=4)
+    (root / "ring").rename(root / "test")  # a class that happens to be called "test"
+    cfg = DataConfig(source="imagefolder", root=str(root), image_size=[8, 8])
+    with pytest.raises(SourceError, match=r"ambiguous layout in .*split folders \(test\) and class folders "
+                       r"\(left, top\) side by side"):  # fmt: skip
+        prepare(cfg, 0, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
+def test_images_directly_in_a_split_folder_are_refused(tmp_path):
+    root = tmp_path / "images"
+    write_image_folder(root / "train", per_class=4)
+    for f in sorted((root / "train" / "left").iterdir())[:2]:
+        f.rename(root / "train" / f.name)  # loose files: "train" was meant as a class
+    cfg = DataConfig(source="imagefolder", root=str(root), image_size=[8, 8])
+    with pytest.raises(SourceError, match=r"train holds files directly \(left_000.png, left_001.png\)"):
+        prepare(cfg, 0, tmp_path / "p")
+
+
+def test_a_crafted_archive_cannot_write_outside_the_data_folder(tmp_path):
+    import io
+    import tarfile
+
+    root = tmp_path / "data" / "raw"
+    root.mkdir(parents=True)
+    archive = root / "cifar-10-python.tar.gz"  # where torchvision's CIFAR-10 archive goes
+    with tarfile.open(archive, "w:gz") as tar:
+        payload = b"pwned"
+        member = tarfile.TarInfo("../escaped.txt")
+        member.size = len(payload)
+        tar.addfile(member, io.BytesIO(payload))
+    with pytest.raises(SourceError, match="unsafe to unpack"):
+        prepare(DataConfig(source="cifar10", root=str(root)), 0, tmp_path / "p")
+    assert not (tmp_path / "data" / "escaped.txt").exists()
+    assert not (root.parent / "escaped.txt").exists()

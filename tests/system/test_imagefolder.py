@@ -24,13 +24,18 @@ def project(tmp_path_factory):
     return project
 
 
+@pytest.fixture(scope="module")
+def first_repro(project):
+    """The output of the first `dvc repro` over the folder."""
+    return run(["dvc", "repro"], cwd=project).stdout
+
+
 def _manifest(project):
     return json.loads((project / paths.PREPARED_DIR / "manifest.json").read_text())
 
 
-def test_a_folder_of_mixed_images_becomes_a_registered_model(project):
-    out = run(["dvc", "repro"], cwd=project).stdout
-    assert "Running stage 'promote'" in out
+def test_a_folder_of_mixed_images_becomes_a_registered_model(project, first_repro):
+    assert "Running stage 'promote'" in first_repro
     manifest = _manifest(project)
     assert manifest["source"] == "imagefolder" and manifest["image_shape"] == [16, 16, 3]
     assert manifest["files"]["count"] == 72
@@ -43,12 +48,13 @@ def test_a_folder_of_mixed_images_becomes_a_registered_model(project):
     assert json.loads((project / paths.PROMOTION).read_text())["promoted"]
 
 
-def test_touching_nothing_is_a_no_op(project):
+def test_touching_nothing_is_a_no_op(project, first_repro):
     out = run(["dvc", "repro"], cwd=project).stdout
     assert "Running stage" not in out and "Data and pipelines are up to date" in out
 
 
-def test_one_new_image_is_a_new_data_version_and_reruns_prepare_onwards(project):
+def test_one_new_image_is_a_new_data_version_and_reruns_prepare_onwards(project, first_repro):
+    run(["dvc", "repro"], cwd=project)
     before = _manifest(project)["data_version"]
     write_image(project / "data" / "raw" / "ring" / "new.png", "ring", (40, 30), "RGB", 12345)
     status = run(["dvc", "status", "prepare"], cwd=project).stdout

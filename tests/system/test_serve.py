@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline import paths
-from tests.support import Server, http, make_project, model_client, run, set_param
+from tests.support import Server, http, model_client, run, set_param, two_version_project
 
 pytestmark = pytest.mark.slow
 NAME = "tollgate-classifier"
@@ -21,12 +21,7 @@ NAME = "tollgate-classifier"
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A project with two registered versions (v2 champion, v1 previous)."""
-    project = make_project(tmp_path_factory.mktemp("serve") / "project")
-    run(["dvc", "repro"], cwd=project)
-    set_param(project, "train.epochs", 13)
-    run(["dvc", "repro"], cwd=project)
-    assert str(model_client(project).get_model_version_by_alias(NAME, "champion").version) == "2"
-    return project
+    return two_version_project(tmp_path_factory.mktemp("serve") / "project")
 
 
 @pytest.fixture(scope="module")
@@ -329,3 +324,173 @@ def test_kserve_target_writes_an_inference_service_for_the_champion(project):
 def test_mlflow_target_prints_the_command_for_mlflows_own_server(project):
     out = run(["tollgate", "deploy", "--target", "mlflow"], cwd=project).stdout
     assert f'mlflow models serve -m "models:/{NAME}@champion"' in out
+
+
+def test_a_second_server_on_a_busy_port_fails_and_leaves_the_first_ones_state(project, server):
+    state = (project / paths.SERVER_STATE).read_bytes()
+    proc = run(["tollgate", "serve", "--port", str(server.port)], cwd=project, check=False)
+    assert proc.returncode != 0 and "cannot listen on 127.0.0.1" in proc.stderr
+    assert (project / paths.SERVER_STATE).read_bytes() == state  # still the running server's address
+    assert json.loads(state)["pid"] == server.proc.pid
+    assert oct((project / paths.SERVER_STATE).stat().st_mode & 0o777) == "0o600"  # it holds the token
+
+
+def test_a_stopped_server_withdraws_its_state(project, server):
+    """SIGTERM (what `kill`, systemd and Kubernetes send) takes the state file with the server; a later
+    server on the same URL must never be handed an old token."""
+    import signal
+
+    state = (project / paths.SERVER_STATE).read_bytes()
+    other = Server(project)  # publishes itself in place of the module's server
+    try:
+        assert json.loads((project / paths.SERVER_STATE).read_text())["pid"] == other.proc.pid
+        other.proc.send_signal(signal.SIGTERM)
+        other.proc.wait(timeout=30)
+        assert not (project / paths.SERVER_STATE).exists()
+    finally:
+        other.log.close()
+        (project / paths.SERVER_STATE).write_bytes(state)  # the module's server is still running
+        (project / paths.SERVER_STATE).chmod(0o600)
+
+
+def _multipart(payload: bytes) -> tuple[bytes, str]:
+    boundary = "tollgateboundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + payload
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _send_until_answered(port: int, head: bytes, chunks) -> bytes:
+    """Send a request head, then body chunks until the server answers (it may refuse a body half-way and
+    close, as it should); returns the answer."""
+    import contextlib
+    import select
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):  # the server closes on a body it will not read
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                if not (part := sock.recv(65536)):
+                    break
+                answer += part
+        return answer
+
+
+def test_a_multipart_upload_over_the_body_limit_is_refused(server, test_split):
+    body, kind = _multipart(b"\0" * (11 * 1024 * 1024))  # serve.max_body_mb is 10
+    step = 256 * 1024
+    declared = (
+        f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    answer = _send_until_answered(
+        server.port, declared.encode(), (body[i : i + step] for i in range(0, len(body), step))
+    )
+    assert answer.startswith(b"HTTP/1.1 413") and b"at most" in answer
+    chunked = (
+        f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    frames = (
+        b"%x\r\n%s\r\n" % (len(body[i : i + step]), body[i : i + step]) for i in range(0, len(body), step)
+    )
+    answer = _send_until_answered(server.port, chunked.encode(), frames)  # no length: counted as it arrives
+    assert answer.startswith(b"HTTP/1.1 413") and b"larger than" in answer
+    ok, _ = http(
+        "POST", server.url + "/predict", _png(np.asarray(test_split.x[0])), {"Content-Type": "image/png"}
+    )
+    assert ok == 200
+
+
+def test_a_request_with_too_many_images_is_refused_while_others_keep_flowing(server, test_split):
+    """36,000 images in one 10 MB body used to hold the event loop for seconds."""
+    import time
+
+    pixels = np.zeros((36_000, 8, 8, 1), dtype=np.uint8).tolist()
+    body = json.dumps({"inputs": pixels}, separators=(",", ":")).encode()
+    assert len(body) < 10 * 1024 * 1024
+    result, pings = {}, []
+
+    def big():
+        result["big"] = http("POST", server.url + "/invocations", body, JSON)
+
+    sender = threading.Thread(target=big)
+    sender.start()
+    while sender.is_alive():
+        start = time.perf_counter()
+        assert http("GET", server.url + "/v2/health/live")[0] == 200
+        pings.append(time.perf_counter() - start)
+        time.sleep(0.02)
+    status, out = result["big"]
+    assert status == 413 and "36000 images in one request; at most 1024" in out["detail"]
+    assert max(pings) < 1.0, pings  # answered throughout (seconds-long stalls before)
+
+
+def test_slow_clients_are_cut_off_and_do_not_hold_the_server(project):
+    """Slowloris: connections that send their request head or body a trickle at a time."""
+    import socket
+    import time
+
+    set_param(project, "serve.header_timeout_s", 1.0)
+    set_param(project, "serve.body_timeout_s", 2.0)
+    try:
+        # pinned to one version: it publishes no state, the module's server stays the registered one
+        slow = Server(project, args=("--model-uri", f"models:/{NAME}/1"))
+    finally:
+        set_param(project, "serve.header_timeout_s", 10.0)
+        set_param(project, "serve.body_timeout_s", 30.0)
+    try:
+        heads = [socket.create_connection(("127.0.0.1", slow.port), timeout=10) for _ in range(50)]
+        for s in heads:
+            s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: app")  # never finished
+        silent = socket.create_connection(("127.0.0.1", slow.port), timeout=10)  # sends nothing at all
+        body = socket.create_connection(("127.0.0.1", slow.port), timeout=10)
+        body.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"inputs\": ")  # fmt: skip
+        ok, _ = http("GET", slow.url + "/v2/health/live")  # the server still takes new clients meanwhile
+        assert ok == 200
+        start = time.monotonic()
+        answers = [_read_until_closed(s) for s in [*heads, silent, body]]
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers), {a[:20] for a in answers}
+        assert time.monotonic() - start < 8  # cut off after the deadlines, not left open
+        assert http("GET", slow.url + "/v2/health/live")[0] == 200
+    finally:
+        slow.stop()
+
+
+def _read_until_closed(sock) -> bytes:
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    sock.close()
+    return data
+
+
+def test_odd_but_harmless_requests_get_4xx_not_500(server):
+    from http.client import HTTPConnection
+
+    conn = HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.putrequest("POST", "/admin/reload")
+    conn.putheader("Authorization", "Bearer tökén".encode())  # non-ASCII bytes in the header
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 401 and "token" in json.loads(resp.read())["detail"]
+    conn.close()
+    oip = {"inputs": [{"name": "pixels", "shape": [1, 8, 8, 1], "datatype": "UINT8", "data": [256] * 64}]}
+    status, out = http("POST", f"{server.url}/v2/models/{NAME}/infer", _json(oip), JSON)
+    assert status == 400 and "0..255" in out["detail"]
+    status, out = http("POST", server.url + "/invocations", _json({"inputs": [[[["7"]] * 8] * 8]}), JSON)
+    assert status == 400 and "numbers" in out["detail"]

@@ -46,7 +46,12 @@ def _test_accuracy(model_dir, project) -> float:
 def _kill_after_epoch(project, epoch: int) -> None:
     """Start `tollgate train` and SIGKILL it as soon as it reports `epoch`."""
     proc = subprocess.Popen(
-        ["tollgate", "train"], cwd=project, env=tool_env(), stdout=subprocess.PIPE, text=True, bufsize=1
+        ["tollgate", "train"],
+        cwd=project,
+        env=tool_env(project),
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
     )
     for line in proc.stdout:
         if line.startswith(f"[tollgate] epoch {epoch}/"):
@@ -87,6 +92,75 @@ def test_a_checkpoint_from_other_settings_is_not_resumed(project):
     assert "resuming" not in out
     assert json.loads((project / paths.TRAIN_REPORT).read_text())["resumed_from"] == 0
     set_param(project, "train.lr", 0.003)
+
+
+def test_an_unreadable_checkpoint_is_discarded_and_training_starts_afresh(project):
+    _kill_after_epoch(project, 3)
+    checkpoint = project / paths.TRAIN_CHECKPOINT
+    checkpoint.write_bytes(checkpoint.read_bytes()[:4096])  # truncated, as by a full disk
+    out = run(["tollgate", "train"], cwd=project).stdout
+    assert "discarding unreadable checkpoint" in out
+    assert json.loads((project / paths.TRAIN_REPORT).read_text())["resumed_from"] == 0
+    assert not checkpoint.exists()
+
+
+def test_a_checkpoint_whose_mlflow_run_was_deleted_starts_afresh(project):
+    _kill_after_epoch(project, 3)
+    killed_run = torch.load(project / paths.TRAIN_CHECKPOINT, weights_only=True)["extra"]["run_id"]
+    model_client(project).delete_run(killed_run)  # someone cleaned up the experiment in the MLflow UI
+    out = run(["tollgate", "train"], cwd=project).stdout
+    assert f"its MLflow run {killed_run} was deleted" in out
+    report = json.loads((project / paths.TRAIN_REPORT).read_text())
+    assert report["resumed_from"] == 0 and report["run_id"] != killed_run
+
+
+def test_a_checkpoint_is_not_resumed_by_changed_code(project):
+    """Resuming the old network's weights into edited model code would register a model nobody trained."""
+    _kill_after_epoch(project, 3)
+    model_code = project / "pipeline" / "model.py"
+    original = model_code.read_text()
+    model_code.write_text(original + "\n# edited after the kill\n")
+    try:
+        out = run(["tollgate", "train"], cwd=project).stdout
+    finally:
+        model_code.write_text(original)
+    assert "resuming" not in out
+    assert json.loads((project / paths.TRAIN_REPORT).read_text())["resumed_from"] == 0
+
+
+def test_a_stage_killed_under_dvc_repro_leaves_its_last_reports_and_resumes(project):
+    """DVC removes a stage's outputs before running it; the uncached ones (reports, plots) could never be
+    restored. They persist: a killed train leaves the previous ones, which the lock file still names."""
+    import psutil
+
+    run(["dvc", "repro", "train"], cwd=project)  # the lock file names the current outputs
+    reports = {rel: (project / rel).read_bytes() for rel in (paths.TRAIN_REPORT, paths.TRAIN_HISTORY)}
+    set_param(project, "train.epochs", 16)
+    try:
+        proc = subprocess.Popen(
+            ["dvc", "repro", "train"],
+            cwd=project,
+            env=tool_env(project),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        for line in proc.stdout:
+            if line.startswith("[tollgate] epoch 3/"):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    child.kill()  # the stage process, not DVC
+                break
+        proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert {rel: (project / rel).read_bytes() for rel in reports} == reports
+        run(["dvc", "checkout", "models"], cwd=project)  # the cached output comes back from DVC's cache
+        assert (project / paths.MODEL_DIR / model_io.WEIGHTS).exists()
+        out = run(["dvc", "repro", "train"], cwd=project).stdout
+        assert "resuming from the checkpoint after epoch" in out
+        assert json.loads((project / paths.TRAIN_REPORT).read_text())["epochs"] == 16
+    finally:
+        set_param(project, "train.epochs", 15)
 
 
 def test_two_gloo_processes_under_torchrun_train_as_well_as_one(project):

@@ -1,4 +1,4 @@
-"""`tollgate schedule` (or `python -m flows.serve`): serve the deployments of prefect.yaml from this one
+"""`tollgate schedule` (or `python -m flows.deployments`): serve the deployments of prefect.yaml from this one
 process with `prefect.serve`, for teams without a work pool and worker. Same flows, parameters and cron
 schedules as `prefect deploy --all` creates: both read prefect.yaml, so the two never disagree.
 """

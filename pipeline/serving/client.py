@@ -1,15 +1,21 @@
-"""Client side of the serving target: find, call and wait for a `tollgate serve` process over HTTP."""
+"""Client side of the serving target: find, call and wait for a `tollgate serve` process over HTTP.
+
+Promotion, rollback and registration's infra validation use it; it imports no web framework.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import paths
+from pipeline.serving import state
+
+
+class Unreachable(RuntimeError):
+    """A server is registered for this checkout and alive, but did not answer."""
 
 
 @dataclass(frozen=True)
@@ -39,12 +45,28 @@ class Server:
         raise TimeoutError(f"{self.url} was not ready within {timeout:.0f} s" if alive() else "server exited")
 
 
-def running_server(root: Path) -> Server | None:
-    """The champion-following `tollgate serve` of this project, if its state file exists and it answers."""
-    try:
-        state = json.loads((root / paths.SERVER_STATE).read_text())
-        server = Server(state["url"], state["token"])
-        server.call("GET", "/v2/health/live", timeout=2.0)
-    except (OSError, ValueError, KeyError, urllib.error.URLError):
+def running_server(root: Path, timeout: float) -> Server | None:
+    """The champion-following `tollgate serve` of this checkout, or None when none runs. A registered,
+    living server that does not answer within `timeout` raises Unreachable: a busy server is not absent."""
+    found = state.read(root)
+    if found is None:
         return None
+    if not found.alive():
+        state.withdraw(root, found.pid)  # left by a killed process
+        return None
+    server = Server(found.url, found.token)
+    try:
+        server.call("GET", "/v2/health/live", timeout=timeout)
+    except (OSError, ValueError) as err:
+        raise Unreachable(
+            f"tollgate serve (pid {found.pid}) at {found.url} did not answer within {timeout:g} s: {err}"
+        ) from None
     return server
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

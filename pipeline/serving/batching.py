@@ -1,0 +1,126 @@
+"""The served model and the batcher that runs requests through it.
+
+A `ModelSlot` holds the model behind `<name>@champion` (or one pinned model); readers take one reference and a
+reload swaps it, so each request keeps the model it was validated against. The `Batcher` runs everything
+queued through one forward pass, up to `serve.max_batch_size` images, waiting at most `serve.max_latency_ms`
+for a batch to fill, on a worker thread so the event loop keeps taking requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.config import ServeConfig
+from pipeline.model import Classifier, predict_proba
+from pipeline.serving.metrics import Metrics
+from pipeline.tracking import CHAMPION, Store
+
+
+@dataclass(frozen=True)
+class Served:
+    version: str
+    model: Classifier
+    meta: dict
+
+
+class NoModel(LookupError):
+    """Nothing to serve yet: the registry has no @champion."""
+
+
+class ModelSlot:
+    """By default it follows `<name>@champion`; with `model_uri` it serves that one model (a candidate under
+    infra validation) and reload is a no-op."""
+
+    def __init__(self, store: Store, name: str, model_uri: str | None = None):
+        self.store = store
+        self.name = name
+        self.model_uri = model_uri
+        self.current: Served | None = None
+        self._reload_lock = threading.Lock()
+
+    def _target(self) -> tuple[str, str]:
+        if self.model_uri is not None:
+            return "candidate", self.model_uri
+        ref = self.store.version(self.name, CHAMPION)
+        if ref is None:
+            raise NoModel(f"{self.name} has no @champion yet: run the pipeline first (dvc repro)")
+        return ref.version, ref.uri
+
+    def reload(self) -> Served:
+        """Load what the alias names now, warm it up, then swap it in; the old model serves until then."""
+        with self._reload_lock:
+            version, uri = self._target()
+            if self.current is not None and self.current.version == version:
+                return self.current
+            model, meta = self.store.load_model(uri)
+            h, w, c = meta["input_shape"]
+            predict_proba(model, torch.zeros(1, h, w, c))  # warm up before taking traffic
+            self.current = Served(version, model, meta)
+            return self.current
+
+
+class Batcher:
+    """Runs queued requests through the model together, one forward pass at a time, off the event loop."""
+
+    def __init__(self, cfg: ServeConfig, metrics: Metrics):
+        self.max_batch = cfg.max_batch_size
+        self.max_wait = cfg.max_latency_ms / 1000
+        self.metrics = metrics
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="forward")
+
+    async def predict(self, served: Served, x: np.ndarray) -> np.ndarray:
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((served, x, fut))
+        return await fut
+
+    def _drain(self, items: list, size: int) -> int:
+        while size < self.max_batch and not self.queue.empty():
+            item = self.queue.get_nowait()
+            items.append(item)
+            size += len(item[1])
+        return size
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            size = self._drain(items, len(items[0][1]))
+            if size < self.max_batch and self.max_wait > 0:
+                # Requests arriving while the previous batch ran are already queued; give stragglers one
+                # short window rather than a wait per request.
+                await asyncio.sleep(self.max_wait)
+                size = self._drain(items, size)
+            self.metrics.batch.observe(size)
+            await self._forward(loop, items)
+
+    async def _forward(self, loop, items: list) -> None:
+        # A reload may land between two requests: each group runs on the model it was validated against.
+        groups: dict[int, list] = {}
+        for item in items:
+            groups.setdefault(id(item[0]), []).append(item)
+        for group in groups.values():
+            served = group[0][0]
+            x = np.concatenate([i[1] for i in group])
+            try:
+                probs = await loop.run_in_executor(self.worker, _forward, served.model, x)
+            except Exception as err:  # noqa: BLE001 - hand the failure to every waiting request
+                for _, _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            start = 0
+            for _, xi, fut in group:
+                if not fut.done():
+                    fut.set_result(probs[start : start + len(xi)])
+                start += len(xi)
+
+
+def _forward(model: Classifier, x: np.ndarray) -> np.ndarray:
+    return predict_proba(model, torch.from_numpy(x)).numpy()

@@ -1,0 +1,172 @@
+"""Request protocols: bodies read within bounds, then parsed into model pixels (N, H, W, C) float32.
+
+MLflow scoring (`{"inputs" | "instances": pixels}`), the Open Inference Protocol v2 (one typed, flat tensor),
+and image files (raw bytes or a multipart upload) decoded by `pipeline.images`, the function prepare uses.
+Everything here is plain functions over bytes and parsed JSON, so it is tested without a server; a bad
+request raises `Refused` with the HTTP status and a message saying what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import numpy as np
+import orjson
+
+from pipeline.images import TooLarge, decode
+
+# The last is what `curl --data-binary @digit.png` sends by default; the decoder checks the bytes anyway.
+IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream", "application/x-www-form-urlencoded")
+OIP_DTYPES = {
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "FP16": np.float16,
+    "UINT8": np.uint8,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+}
+
+
+class Refused(Exception):
+    """A request the server will not take: `status` is the HTTP code, `detail` says what was expected."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def media_type(headers) -> str:
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(headers, chunks: AsyncIterator[bytes], max_body: int) -> bytes:
+    """The request body, counted as it arrives: refused (413) as soon as it is known to exceed `max_body`,
+    from a declared Content-Length before anything is read."""
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body:
+        raise Refused(413, f"body of {declared} bytes; at most {max_body} allowed")
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_body:
+            raise Refused(413, f"body larger than {max_body} bytes")
+        parts.append(chunk)
+    if size == 0:
+        raise Refused(400, "empty body")
+    return b"".join(parts)
+
+
+def parse_json(headers, body: bytes):
+    kind = media_type(headers)
+    if kind != "application/json":
+        raise Refused(415, f"content type must be application/json, got {kind or 'none'}")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise Refused(400, "body must be valid JSON (strict: no NaN or Infinity literals)") from None
+
+
+def _numbers(data, what: str) -> np.ndarray:
+    """A nested list of JSON numbers as an array; strings, booleans, nulls and ragged lists refused."""
+    try:
+        x = np.asarray(data)
+    except (ValueError, TypeError, OverflowError):
+        raise Refused(400, f"{what} must be a rectangular array of numbers") from None
+    if x.dtype.kind not in "iuf":
+        raise Refused(400, f"{what} must be a rectangular array of numbers (got {x.dtype.kind!r} values)")
+    return x
+
+
+def _check_batch(x: np.ndarray, shape: list[int], what: str) -> np.ndarray:
+    if x.ndim == len(shape):  # a single image without the batch axis
+        x = x[None]
+    if list(x.shape[1:]) != list(shape) or len(x) == 0:
+        dims = ", ".join(map(str, shape))
+        raise Refused(400, f"{what} must have shape [N, {dims}] or [{dims}] (N >= 1), got {list(x.shape)}")
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
+        x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise Refused(400, f"{what} must be finite numbers (no NaN or inf)")
+    return x
+
+
+def _depth(data) -> int:
+    depth = 0
+    while isinstance(data, list) and data:
+        depth, data = depth + 1, data[0]
+    return depth
+
+
+def _cap(n: int, max_images: int) -> None:
+    if n > max_images:
+        raise Refused(413, f"{n} images in one request; at most {max_images} (serve.max_request_images)")
+
+
+def pixels_from_json(payload: object, shape: list[int], max_images: int) -> np.ndarray:
+    """MLflow scoring protocol: {"inputs": tensor} or {"instances": [tensor, ...]}."""
+    if not isinstance(payload, dict):
+        raise Refused(400, 'expected a JSON object {"inputs": [...]} or {"instances": [...]}')
+    data = payload.get("inputs", payload.get("instances"))
+    if data is None:
+        raise Refused(400, 'expected key "inputs" or "instances" holding pixel arrays')
+    if _depth(data) > len(shape):  # counted before any conversion: a huge batch costs nothing
+        _cap(len(data), max_images)
+    return _check_batch(_numbers(data, "inputs"), shape, "inputs")
+
+
+def pixels_from_oip(payload: object, shape: list[int], max_images: int) -> np.ndarray:
+    """Open Inference Protocol v2 request: one input tensor with name, shape, datatype and (flat) data."""
+    expected = (
+        '{"inputs": [{"name": "pixels", "shape": [N, H, W, C], "datatype": "FP32", "data": [...]}]} with '
+        f"datatype one of {sorted(OIP_DTYPES)} and data matching shape"
+    )
+    try:
+        (tensor,) = payload["inputs"]
+        dims = [int(d) for d in tensor["shape"]]
+        dtype = OIP_DTYPES[tensor["datatype"]]
+        data = tensor["data"]
+    except (TypeError, KeyError, ValueError):
+        raise Refused(400, f"expected {expected}") from None
+    if dims:
+        _cap(dims[0] if len(dims) > len(shape) else 1, max_images)
+    x = _numbers(data, "input tensor data")
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if x.dtype.kind == "f" or (x.size and (x.min() < info.min or x.max() > info.max)):
+            raise Refused(400, f"{tensor['datatype']} data must be integers in {info.min}..{info.max}")
+    try:
+        with np.errstate(over="ignore"):  # FP16 overflow becomes inf, refused as not finite
+            x = x.astype(dtype).reshape(dims)
+    except ValueError:
+        raise Refused(400, f"expected {expected}") from None
+    return _check_batch(x, shape, "input tensor")
+
+
+def pixels_from_image(body: bytes, shape: list[int], max_pixels: int) -> np.ndarray:
+    h, w, c = shape
+    try:
+        return decode(body, h, w, c, max_pixels).astype(np.float32)[None]
+    except TooLarge as err:
+        raise Refused(413, str(err)) from None
+    except ValueError:
+        raise Refused(400, "body must be a PNG or JPEG image (it could not be decoded)") from None
+
+
+async def file_from_multipart(headers, body: bytes) -> bytes:
+    """The first file part of a multipart/form-data body that was already read (and size-checked)."""
+    from starlette.datastructures import Headers
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def once():
+        yield body
+
+    try:
+        form = await MultiPartParser(Headers(headers=dict(headers)), once(), max_part_size=len(body)).parse()
+    except MultiPartException as err:
+        raise Refused(400, f"malformed multipart body: {err}") from None
+    upload = next((v for v in form.values() if hasattr(v, "read")), None)
+    if upload is None:
+        raise Refused(400, "multipart body has no file part")
+    return await upload.read()

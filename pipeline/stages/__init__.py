@@ -1,0 +1,51 @@
+"""The six DVC stages as thin adapters, one module each (`pipeline.stages.<stage>`), each with
+`run(params, root) -> dict`: read the stage's inputs, call the pure step, persist its outputs, hand the
+results to tracking. What a stage computes lives in the module named after it in `pipeline/`.
+
+Every stage runs in its own process (`tollgate <stage>`, as dvc.yaml says), so a module imports only what
+its stage needs: `tollgate prepare` never pays for torch or mlflow. Each stage process holds
+`.tollgate/stage.lock` while it runs: a stage orphaned by a killed flow keeps it until it ends, and the next
+run's stage waits instead of working beside it on the same outputs and MLflow run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from pipeline import paths
+from pipeline.config import STAGES, Params
+from pipeline.files import locked
+
+
+class StageFailed(RuntimeError):
+    """A stage refuses to continue (bad data, failed promotion); the message names the cause."""
+
+
+def log(msg: str) -> None:
+    print(f"[tollgate] {msg}", flush=True)
+
+
+def run(name: str, params: Params, root: Path) -> dict:
+    """Run stage `name` as `tollgate <name>` does."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    stage = importlib.import_module(f"{__name__}.{name}")
+    waiting = f"waiting for another stage process of this checkout to finish ({paths.STAGE_LOCK} is held)"
+    with locked(root / paths.STAGE_LOCK, waiting):
+        return stage.run(params, root)
+
+
+def worker_main(name: str) -> None:
+    """`python -m pipeline.stages.<name>` without the stage lock: for processes that a stage process
+    started itself and that hold no lock of their own (torchrun's training workers)."""
+    from pipeline.config import ConfigError, load_params
+
+    root = Path.cwd()
+    try:
+        importlib.import_module(f"{__name__}.{name}").run(load_params(root / paths.PARAMS), root)
+    except (ConfigError, StageFailed) as err:
+        print(f"tollgate {name} (pid {os.getpid()}): {err}", file=sys.stderr)
+        sys.exit(1)

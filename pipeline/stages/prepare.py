@@ -1,0 +1,24 @@
+"""prepare: the source's images, split and written as arrays with a manifest (pipeline/data.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import paths
+from pipeline.config import Params
+from pipeline.data import prepare
+from pipeline.sources import SourceError
+from pipeline.stages import StageFailed, log
+
+
+def run(params: Params, root: Path) -> dict:
+    try:
+        manifest = prepare(params.data, params.seed, root / paths.PREPARED_DIR, root / params.data.root)
+    except SourceError as err:
+        raise StageFailed(str(err)) from None
+    sizes = {s: sum(c.values()) for s, c in manifest["counts"].items()}
+    log(
+        f"prepared {params.data.source}: {sizes}, shape {manifest['image_shape']}, "
+        f"data version {manifest['data_version'][:12]}"
+    )
+    return manifest

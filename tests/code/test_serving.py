@@ -1,0 +1,184 @@
+"""The server's request handling in-process (FastAPI's TestClient, and the parsers called directly): every
+protocol, every way a request can be wrong, in seconds. tests/system/test_serve.py runs the same server as
+a real process over real HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_params
+from pipeline.serving import protocols
+from pipeline.serving.protocols import Refused
+from tests.support import ROOT
+
+NAME = "tollgate-classifier"
+SHAPE = [8, 8, 1]
+JSON = {"Content-Type": "application/json"}
+TOKEN = "s3cret-token"
+
+
+def _app(**serve):
+    """An app serving an untrained digits-shaped model; `serve` overrides params.yaml's serve section."""
+    from pipeline.model import build
+    from pipeline.serving.app import create_app
+    from pipeline.serving.batching import ModelSlot, Served
+
+    params = load_params(ROOT / "params.yaml")
+    params = params.model_copy(update={"serve": params.serve.model_copy(update=serve)})
+    meta = {
+        "arch": "small_cnn",
+        "width": 4,
+        "input_shape": SHAPE,
+        "classes": [str(d) for d in range(10)],
+        "normalization": {"mean": [0.5], "std": [0.25]},
+    }
+    slot = ModelSlot(None, NAME)
+    slot.current = Served("7", build(meta).eval(), meta)
+    return create_app(params, slot, TOKEN)
+
+
+@pytest.fixture(scope="module")
+def client():
+    from fastapi.testclient import TestClient
+
+    with TestClient(_app()) as c:
+        yield c
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def _png(size=(8, 8), mode="L") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _oip(datatype: str, data: list, shape=(1, 8, 8, 1)) -> bytes:
+    return _json({"inputs": [{"name": "pixels", "shape": list(shape), "datatype": datatype, "data": data}]})
+
+
+def _multipart(payload: bytes, boundary: str = "b0undary") -> tuple[bytes, dict]:
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + payload
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_every_protocol_answers_with_the_served_version(client):
+    x = np.zeros((3, *SHAPE)).tolist()
+    out = client.post("/invocations", content=_json({"inputs": x}), headers=JSON).json()
+    assert out["version"] == "7" and np.asarray(out["predictions"]).shape == (3, 10)
+    out = client.post(f"/v2/models/{NAME}/infer", content=_oip("UINT8", [0] * 64), headers=JSON).json()
+    assert out["model_version"] == "7" and out["outputs"][0]["shape"] == [1, 10]
+    out = client.post("/predict?top_k=2", content=_png((30, 20), "RGB")).json()
+    assert out["version"] == "7" and len(out["predictions"]) == 2
+    body, headers = _multipart(_png())
+    assert client.post("/predict", content=body, headers=headers).status_code == 200
+    assert client.get(f"/v2/models/{NAME}").json()["versions"] == ["7"]
+
+
+BAD = [
+    ("/invocations", b"{not json", JSON, 400, "valid JSON"),
+    ("/invocations", _json({"inputs": [[1, 2, 3]]}), JSON, 400, "shape"),
+    ("/invocations", _json({"rows": []}), JSON, 400, '"inputs"'),
+    ("/invocations", _json({"inputs": [[[["a"]] * 8] * 8]}), JSON, 400, "numbers"),
+    (
+        "/invocations",
+        _json({"inputs": [[[["1"]] * 8] * 8]}),
+        JSON,
+        400,
+        "numbers",
+    ),  # strings that look numeric
+    ("/invocations", _json({"inputs": [[[[True]] * 8] * 8]}), JSON, 400, "numbers"),
+    ("/invocations", _json({"inputs": [[[[None]] * 8] * 8]}), JSON, 400, "numbers"),
+    ("/invocations", _json({"inputs": [[[[1e300]] * 8] * 8]}), JSON, 400, "finite"),
+    ("/invocations", json.dumps({"inputs": [[[[math.nan]] * 8] * 8]}).encode(), JSON, 400, "NaN"),
+    ("/invocations", _json({"inputs": [[[[1]] * 8] * 8]}), {"Content-Type": "text/plain"}, 415, "json"),
+    ("/invocations", b"", JSON, 400, "empty"),
+    ("/predict", b"", {"Content-Type": "image/png"}, 400, "empty"),
+    ("/predict", b"GIF89a not really", {"Content-Type": "image/png"}, 400, "PNG or JPEG"),
+    ("/predict", b"{}", JSON, 415, "PNG/JPEG"),
+    (
+        "/predict",
+        _multipart(b"x")[0].replace(b"filename", b"nofile"),
+        _multipart(b"")[1],
+        400,
+        "no file part",
+    ),
+    (f"/v2/models/{NAME}/infer", _oip("FP32", [1, 2]), JSON, 400, "data matching shape"),
+    (f"/v2/models/{NAME}/infer", _oip("BYTES", [1] * 64), JSON, 400, "datatype"),
+    (f"/v2/models/{NAME}/infer", _oip("FP16", [1e5] * 64), JSON, 400, "finite"),
+    (f"/v2/models/{NAME}/infer", _oip("UINT8", [256] * 64), JSON, 400, "integers in 0..255"),
+    (f"/v2/models/{NAME}/infer", _oip("UINT8", [-1] * 64), JSON, 400, "integers in 0..255"),
+    (f"/v2/models/{NAME}/infer", _oip("INT8", [200] * 64), JSON, 400, "integers in -128..127"),
+    (f"/v2/models/{NAME}/infer", _oip("UINT8", [1.5] * 64), JSON, 400, "integers in 0..255"),
+    (f"/v2/models/{NAME}/infer", _oip("FP32", ["1"] * 64), JSON, 400, "numbers"),
+    ("/v2/models/other/infer", _oip("FP32", [0] * 64), JSON, 404, "unknown model"),
+    ("/admin/reload", b"", {}, 401, "token"),
+    ("/admin/reload", b"", {"Authorization": "Bearer wrong"}, 401, "token"),
+    ("/admin/reload", b"", {"Authorization": "Bearer tökén".encode()}, 401, "token"),  # non-ASCII
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status", "says"), BAD, ids=[f"{p} {s} {w}" for p, _, _, s, w in BAD]
+)
+def test_bad_requests_get_a_4xx_saying_what_was_expected(client, path, body, headers, status, says):
+    resp = client.post(path, content=body, headers=headers)
+    assert resp.status_code == status, resp.text
+    assert says.lower() in resp.json()["detail"].lower()
+
+
+def test_too_many_images_are_refused_before_conversion():
+    from fastapi.testclient import TestClient
+
+    with TestClient(_app(max_request_images=4)) as c:
+        x = np.zeros((5, *SHAPE), dtype=int).tolist()
+        resp = c.post("/invocations", content=_json({"inputs": x}), headers=JSON)
+        assert resp.status_code == 413 and "5 images in one request; at most 4" in resp.json()["detail"]
+        resp = c.post(
+            f"/v2/models/{NAME}/infer", content=_oip("UINT8", [0] * 320, (5, 8, 8, 1)), headers=JSON
+        )
+        assert resp.status_code == 413
+        assert c.post("/invocations", content=_json({"inputs": x[:4]}), headers=JSON).status_code == 200
+
+
+def test_a_multipart_upload_counts_against_the_body_limit():
+    from fastapi.testclient import TestClient
+
+    big = b"\0" * (2 * 1024 * 1024)
+    body, headers = _multipart(big)
+    with TestClient(_app(max_body_mb=1.0)) as c:
+        assert c.post("/predict", content=body, headers=headers).status_code == 413
+
+        def chunked():  # no Content-Length: counted as it arrives
+            for i in range(0, len(body), 65536):
+                yield body[i : i + 65536]
+
+        resp = c.post("/predict", content=chunked(), headers=headers)
+        assert resp.status_code == 413 and "larger than" in resp.json()["detail"]
+
+
+def test_json_parsers_keep_integers_exact_and_refuse_ragged_arrays():
+    x = protocols.pixels_from_json({"instances": [[[[255]] * 8] * 8]}, SHAPE, 10)
+    assert x.dtype == np.float32 and x.shape == (1, 8, 8, 1) and x.max() == 255
+    with pytest.raises(Refused) as err:
+        protocols.pixels_from_json({"inputs": [[[[1]] * 8] * 8, [[1]]]}, SHAPE, 10)
+    assert err.value.status == 400
+    with pytest.raises(Refused) as err:
+        protocols.pixels_from_image(_png((5000, 5000)), SHAPE, 1000)
+    assert err.value.status == 413 and "5000x5000" in err.value.detail
