@@ -78,8 +78,10 @@ class Store:
 
     def point(self, name: str, alias: str, version: str | None) -> None:
         """Set `name@alias` to `version`, or remove the alias when `version` is None."""
+        from mlflow.exceptions import MlflowException
+
         if version is None:
-            with contextlib.suppress(Exception):  # already absent is fine
+            with contextlib.suppress(MlflowException):  # already absent is fine
                 self.client.delete_registered_model_alias(name, alias)
         else:
             self.client.set_registered_model_alias(name, alias, version)
