@@ -14,15 +14,22 @@ PREFECT_YAML = "prefect.yaml"
 
 
 def deployments(root: Path) -> list:
-    """RunnerDeployments for every entry of prefect.yaml; flows import from the project's `flows` package."""
+    """RunnerDeployments for the entries of prefect.yaml that run in this checkout; flows import from the
+    project's `flows` package. Entries with pull steps of their own (nightly-retrain-team clones the
+    repository elsewhere) are for workers, not for this process."""
     from prefect.schedules import Cron
 
     spec = yaml.safe_load((root / PREFECT_YAML).read_text())
     out = []
     for d in spec["deployments"]:
+        if "pull" in d:
+            continue
         module, attr = d["entrypoint"].split(":")
         flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), attr)
-        schedules = [Cron(s["cron"], timezone=s.get("timezone", "UTC")) for s in d.get("schedules", [])]
+        schedules = [
+            Cron(s["cron"], timezone=s.get("timezone", "UTC"), active=s.get("active", True))
+            for s in d.get("schedules", [])
+        ]
         out.append(
             flow.to_deployment(
                 name=d["name"],

@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="print the `dvc exp run` arguments that apply a params profile")
     pr.add_argument("file", help="e.g. profiles/mnist-cpu.yaml")
     sub.add_parser("schedule", help="serve the prefect.yaml deployments and schedules from this process")
+    dt = sub.add_parser("data", help="dvc push / pull with the default remote, failing fast if it cannot")
+    dt.add_argument("direction", choices=["push", "pull"])
+    st = sub.add_parser("stack", help="the team's services on this machine: PostgreSQL, S3, MLflow, Prefect")
+    st.add_argument("action", choices=["up", "down", "status", "env"])
+    st.add_argument("--purge", action="store_true", help="with down: delete the services' data too")
     f = sub.add_parser("flow", help="run the Prefect training-pipeline flow (same stages, through DVC)")
     f.add_argument("--force", action="store_true", help="re-run every stage even if its inputs are unchanged")
     f.add_argument(
@@ -77,6 +82,12 @@ def _dispatch(args, params, root: Path) -> int:
         from pipeline.config import load_profile, set_param_args
 
         print(shlex.join(set_param_args(load_profile(args.file, root / "params.yaml"))))
+    elif args.command == "stack":
+        return _stack(args, params, root)
+    elif args.command == "data":
+        from pipeline.remote import transfer
+
+        transfer(root, args.direction)
     elif args.command == "schedule":
         from flows.deployments import main as serve_deployments
 
@@ -93,11 +104,47 @@ def _dispatch(args, params, root: Path) -> int:
     return 0
 
 
+def _stack(args, params, root: Path) -> int:
+    from pipeline.stack import Stack, StackError
+
+    stack = Stack.of(params.stack, root)
+    try:
+        if args.action == "up":
+            for name, seconds in stack.up().items():
+                print(f"started {name} in {seconds:.1f} s")
+            print("\n".join(stack.env_lines()))
+        elif args.action == "down":
+            stopped = stack.down(args.purge)
+            print("stopped " + (", ".join(stopped) or "nothing (no service of this stack was running)"))
+        elif args.action == "status":
+            for name, row in stack.status().items():
+                state = f"running, {row['rss_mb']} MB" if row["running"] else "stopped"
+                print(f"{name:<9} {state:<18} pid {row['pid']:<8} log {row['log']}")
+        else:
+            print("\n".join(stack.env_lines()))
+    except StackError as err:
+        print(f"tollgate stack {args.action}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _tracking_failure(err: Exception) -> str | None:
+    """A tracking-server failure in words that name the server, or None for any other error."""
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    if mlflow_exceptions is None or not isinstance(err, mlflow_exceptions.MlflowException):
+        return None
+    import os
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "the local store")
+    return f"the MLflow tracking server ({uri}) failed: {err.message}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     root = Path.cwd()
     from pipeline.config import ConfigError, load_params
     from pipeline.promote import PromotionError
+    from pipeline.remote import RemoteError
     from pipeline.stages import StageFailed
 
     try:
@@ -105,8 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"tollgate: {err}", file=sys.stderr)
         return 2
-    except (StageFailed, PromotionError, LookupError) as err:
+    except (StageFailed, PromotionError, RemoteError, LookupError) as err:
         print(f"tollgate {args.command}: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        message = _tracking_failure(err)
+        if message is None:
+            raise
+        print(f"tollgate {args.command}: {message}", file=sys.stderr)
         return 1
 
 

@@ -169,7 +169,21 @@ class FlowConfig(_Section):
 class MlflowConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_root: str = "mlartifacts"
+    artifacts_destination: str = ""
     system_metrics_s: float = Field(2.0, ge=0.0)
+    http_retries: int = Field(5, ge=0)
+    http_backoff_s: int = Field(1, ge=0)
+    http_timeout_s: int = Field(20, ge=1)
+
+
+class StackConfig(_Section):
+    folder: str = ".tollgate/stack"
+    postgres_port: int = Field(15432, ge=1, le=65535)
+    s3_port: int = Field(19000, ge=1, le=65535)
+    mlflow_port: int = Field(15000, ge=1, le=65535)
+    prefect_port: int = Field(14200, ge=1, le=65535)
+    bucket: str = Field("tollgate", min_length=3)
+    start_timeout_s: float = Field(120.0, gt=0.0)
 
 
 class Params(_Section):
@@ -183,6 +197,7 @@ class Params(_Section):
     serve: ServeConfig = ServeConfig()
     flow: FlowConfig = FlowConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    stack: StackConfig = StackConfig()
 
     def section_hash(self, *sections: str) -> str:
         """Short, stable hash of the named sections: the params fingerprint tagged on models."""

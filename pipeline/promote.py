@@ -163,8 +163,17 @@ def move_champion(store: Store, params: Params, root: Path, version: str) -> dic
             ) from None
         smoke_x, expected = smoke_check(store, params, root, version)
         before = previous.version if previous else None
-        write_json(_intent(root), {"name": name, "from": before, "to": version, "phase": "moving",
-                                   "pid": os.getpid(), "time": time.time()})  # fmt: skip
+        write_json(
+            _intent(root),
+            {
+                "name": name,
+                "from": before,
+                "to": version,
+                "phase": "moving",
+                "pid": os.getpid(),
+                "time": time.time(),
+            },
+        )
         try:
             store.point(name, CHAMPION, version)
             failpoints.reach("promote:alias-moved")
@@ -245,10 +254,17 @@ def promote(store: Store, params: Params, root: Path, version: str) -> dict:
             "reason": f"v{version} was rolled back ({mark}); not promoted again by the pipeline. "
             f"To make it champion on purpose: tollgate rollback --to {version}",
         }
-    result = move_champion(store, params, root, version)
+    planned = None
     if params.serve.target != "local":
-        from pipeline.deploy import deploy
+        from pipeline import deploy
 
-        result["deploy"] = deploy(store, params, root, params.serve.target)
+        try:
+            planned = deploy.plan(store, params, params.serve.target, version)
+        except LookupError as err:
+            target = params.serve.target
+            raise PromotionError(f"serve.target {target} cannot take v{version}: {err}") from None
+    result = move_champion(store, params, root, version)
+    if planned is not None:
+        result["deploy"] = deploy.apply(root, planned)
         result["summary"] += "; " + result["deploy"]["summary"]
     return result

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import paths
+from pipeline import failpoints, paths
 from pipeline.config import Params
 from pipeline.data import load_split, read_manifest
 from pipeline.files import load_json
@@ -125,8 +125,10 @@ def model_description(meta: dict, source: str) -> str:
 def register(store: Store, params: Params, root: Path, verdict: dict) -> dict:
     """Register a passing candidate (once per MLflow run) that also passes infra validation, and point
     @challenger at it; record a rejected one's reasons on its run. Returns (reports/registration.json,
-    whether the version already existed)."""
+    whether the version already existed). Run again after a failure at any point (the tracking server gone
+    between logging and registering, say), it completes the same version's tags and aliases."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from pipeline.evaluate import gate_markdown, gate_summary
 
@@ -149,6 +151,8 @@ def register(store: Store, params: Params, root: Path, verdict: dict) -> dict:
         try:
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(name="model", **_model_spec(root))
+        except MlflowException:
+            raise  # the tracking server or its artifact store failed: the stage fails and can be retried
         except Exception as err:  # noqa: BLE001 - any packaging fault rejects the candidate, with its message
             return reject(
                 [f"infra validation failed: could not package the candidate in MLflow format: {err}"]
@@ -156,7 +160,9 @@ def register(store: Store, params: Params, root: Path, verdict: dict) -> dict:
         failure = infra_validate(params, root, client.get_logged_model(info.model_id).artifact_location)
         if failure is not None:
             return reject([f"infra validation failed: {failure}"])
+        failpoints.reach("register:logged")
         version = str(mlflow.register_model(info.model_uri, name).version)
+        failpoints.reach("register:version-created")
 
     metrics = load_json(root / paths.EVAL_METRICS)
     meta = load_json(root / paths.MODEL_DIR / "model.json")

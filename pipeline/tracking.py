@@ -139,6 +139,15 @@ def connect(params: Params, root: Path) -> Store:
     # Stage logs are read by people and CI: no progress bars for millisecond-long local downloads.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri(params, root)
+    if uri.startswith(("http://", "https://")):
+        # MLflow's defaults retry a dead server for about four minutes; a stage should fail within one,
+        # naming the server (the user's own MLFLOW_HTTP_REQUEST_* settings win).
+        for var, value in (
+            ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", params.mlflow.http_retries),
+            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", params.mlflow.http_backoff_s),
+            ("MLFLOW_HTTP_REQUEST_TIMEOUT", params.mlflow.http_timeout_s),
+        ):
+            os.environ.setdefault(var, str(value))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

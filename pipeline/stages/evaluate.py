@@ -55,10 +55,14 @@ def run(params: Params, root: Path) -> dict:
         k: v for k, v in {**quality, **perf}.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
     tracking.log_evaluation(
-        run_id, numbers, quality["per_class_recall"], {"classes": test.classes, "matrix": cm.tolist()},
-        evaluate.confusion_figure(cm, test.classes), [root / paths.GATE_REPORT, root / paths.GATE_MARKDOWN],
+        run_id,
+        numbers,
+        quality["per_class_recall"],
+        {"classes": test.classes, "matrix": cm.tolist()},
+        evaluate.confusion_figure(cm, test.classes),
+        [root / paths.GATE_REPORT, root / paths.GATE_MARKDOWN],
         evaluate.gate_summary(verdict),
-    )  # fmt: skip
+    )
     log(
         f"test accuracy {quality['accuracy']:.4f}, macro-F1 {quality['macro_f1']:.4f}, "
         f"p99 {perf['latency_p99_ms']:.2f} ms; gate "

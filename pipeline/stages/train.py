@@ -67,9 +67,16 @@ def _train(params: Params, root: Path) -> dict:
             log(f"resuming from the checkpoint after epoch {resume['epoch']} (MLflow run {run_id})")
         start = time.perf_counter()
         result = fit(
-            params.train, params.seed, *splits, meta, _epoch_logger(params.train.epochs),
-            checkpoint=checkpoint, resume=resume, extra_state={"run_id": mlflow_run.info.run_id}, run_key=key,
-        )  # fmt: skip
+            params.train,
+            params.seed,
+            *splits,
+            meta,
+            _epoch_logger(params.train.epochs),
+            checkpoint=checkpoint,
+            resume=resume,
+            extra_state={"run_id": mlflow_run.info.run_id},
+            run_key=key,
+        )
         report = _persist(root, result, meta, mlflow_run.info.run_id, world_size, time.perf_counter() - start)
         tracking.finish_training(root / paths.TRAIN_HISTORY, result.device, result.best_epoch)
     write_json(root / paths.TRAIN_REPORT, report)

@@ -91,8 +91,11 @@ def test_a_class_folder_named_like_a_split_is_refused_not_taken_for_a_split(tmp_
     root = write_image_folder(tmp_path / "images", per_class=4)
     (root / "ring").rename(root / "test")  # a class that happens to be called "test"
     cfg = DataConfig(source="imagefolder", root=str(root), image_size=[8, 8])
-    with pytest.raises(SourceError, match=r"ambiguous layout in .*split folders \(test\) and class folders "
-                       r"\(left, top\) side by side"):  # fmt: skip
+    with pytest.raises(
+        SourceError,
+        match=r"ambiguous layout in .*split folders \(test\) and class folders "
+        r"\(left, top\) side by side",
+    ):
         prepare(cfg, 0, tmp_path / "p")
     assert not (tmp_path / "p").exists()
 

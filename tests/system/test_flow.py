@@ -266,8 +266,10 @@ def _api_env() -> dict[str, str]:
 def test_prefect_yaml_deployments_get_their_cron_schedules(prefect_server, flow_project):
     from prefect.client.orchestration import get_client
 
-    env = {**_api_env(), "PWD": str(flow_project)}  # as a shell in the project sets it
-    run(["prefect", "work-pool", "create", "tollgate-process", "--type", "process"], cwd=flow_project, **env)
+    git_url = "https://git.example.com/team/tollgate.git"
+    env = {**_api_env(), "PWD": str(flow_project), "TOLLGATE_GIT_URL": git_url}  # as a shell in the project
+    for pool in ("tollgate-process", "tollgate-team"):
+        run(["prefect", "work-pool", "create", pool, "--type", "process"], cwd=flow_project, **env)
     run(["prefect", "--no-prompt", "deploy", "--all"], cwd=flow_project, **env)
     spec = yaml.safe_load((flow_project / "prefect.yaml").read_text())
     with get_client(sync_client=True) as client:
@@ -276,12 +278,22 @@ def test_prefect_yaml_deployments_get_their_cron_schedules(prefect_server, flow_
                 d["entrypoint"].split(":")[1], d["entrypoint"].split(":")[1].removesuffix("_flow")
             )
             got = client.read_deployment_by_name(f"{flow_name}/{d['name']}")
-            assert got.work_pool_name == "tollgate-process"
+            assert got.work_pool_name == d["work_pool"]["name"]
             assert got.parameters == d.get("parameters", {})
-            crons = [(s.schedule.cron, s.schedule.timezone) for s in got.schedules]
-            assert crons == [(s["cron"], s["timezone"]) for s in d.get("schedules", [])]
-            step = got.pull_steps[0]["prefect.deployments.steps.set_working_directory"]
-            assert step["directory"] == str(flow_project)
+            crons = [(s.schedule.cron, s.schedule.timezone, s.active) for s in got.schedules]
+            assert crons == [
+                (s["cron"], s["timezone"], s.get("active", True)) for s in d.get("schedules", [])
+            ]
+            if "pull" in d:  # the team variant: a fresh clone of the repository, then the data from DVC
+                clone = got.pull_steps[0]["prefect.deployments.steps.git_clone"]
+                assert clone["repository"] == git_url
+                assert (
+                    "tollgate data pull"
+                    in got.pull_steps[1]["prefect.deployments.steps.run_shell_script"]["script"]
+                )
+            else:  # the others run in this checkout
+                step = got.pull_steps[0]["prefect.deployments.steps.set_working_directory"]
+                assert step["directory"] == str(flow_project)
 
 
 def _deployed(name: str) -> bool:

@@ -63,8 +63,16 @@ def test_cold_run_registers_and_promotes_version_1_with_lineage(cold_project, pr
     assert mv.tags["git_commit"] == commit
     assert mv.tags["device"] == "cpu"
     assert mv.tags["gate"] == "passed"  # a short tag; the table is in the description
-    for check in ("accuracy", "macro_f1", "min class recall", "ece", "p99 latency ms", "model size MB",
-                  "shift stability", "vs champion"):  # fmt: skip
+    for check in (
+        "accuracy",
+        "macro_f1",
+        "min class recall",
+        "ece",
+        "p99 latency ms",
+        "model size MB",
+        "shift stability",
+        "vs champion",
+    ):
         assert f"| {check} |" in mv.description
     assert mv.tags["infra_validation"] == "passed" and mv.tags["git_dirty"] == "false"
     assert {"data_version", "params_hash", "accuracy", "macro_f1"} <= set(mv.tags)

@@ -113,8 +113,12 @@ def test_a_version_that_cannot_load_never_becomes_champion(project, server, dama
 
 
 def test_a_promotion_killed_after_the_alias_move_is_undone_by_the_next_server_start(project, server):
-    proc = run(["tollgate", "rollback", "--to", "1"], cwd=project, check=False,
-               TOLLGATE_FAILPOINT="promote:alias-moved")  # fmt: skip
+    proc = run(
+        ["tollgate", "rollback", "--to", "1"],
+        cwd=project,
+        check=False,
+        TOLLGATE_FAILPOINT="promote:alias-moved",
+    )
     assert proc.returncode == -signal.SIGKILL
     # what kill -9 at that point leaves: the alias moved, the server not told, the intent on disk
     assert _alias(project, "champion") == "1" and _served(server) == "2"
@@ -129,8 +133,9 @@ def test_a_promotion_killed_after_the_alias_move_is_undone_by_the_next_server_st
 
 
 def test_a_promotion_killed_after_verification_is_completed_by_the_next_one(project, server):
-    proc = run(["tollgate", "rollback", "--to", "1"], cwd=project, check=False,
-               TOLLGATE_FAILPOINT="promote:verified")  # fmt: skip
+    proc = run(
+        ["tollgate", "rollback", "--to", "1"], cwd=project, check=False, TOLLGATE_FAILPOINT="promote:verified"
+    )
     assert proc.returncode == -signal.SIGKILL
     assert _alias(project, "champion") == "1" and _served(server) == "1"  # verified, then killed
     assert _alias(project, "previous") == "1"  # not yet pointed at the old champion
@@ -150,8 +155,14 @@ def test_a_server_starting_during_a_promotion_serves_what_the_promotion_leaves(p
     port = free_port()
     held = FileLock(str(project / paths.PROMOTE_LOCK))
     held.acquire()  # a promotion in progress
-    proc = subprocess.Popen(["tollgate", "serve", "--port", str(port)], cwd=project, env=tool_env(project),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        ["tollgate", "serve", "--port", str(port)],
+        cwd=project,
+        env=tool_env(project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in proc.stdout:  # the server has started and waits for the lock
             if "waiting for the promotion in progress" in line:

@@ -458,8 +458,10 @@ def test_slow_clients_are_cut_off_and_do_not_hold_the_server(project):
             s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: app")  # never finished
         silent = socket.create_connection(("127.0.0.1", slow.port), timeout=10)  # sends nothing at all
         body = socket.create_connection(("127.0.0.1", slow.port), timeout=10)
-        body.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{\"inputs\": ")  # fmt: skip
+        body.sendall(
+            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"inputs": '
+        )
         ok, _ = http("GET", slow.url + "/v2/health/live")  # the server still takes new clients meanwhile
         assert ok == 200
         start = time.monotonic()
