@@ -360,9 +360,18 @@ def _postgres_user(folder: Path) -> str | None:
     """PostgreSQL refuses root: as root, the server runs as SYSTEM_USER, which must reach `folder`."""
     if os.geteuid() != 0:
         return None
-    utils = _embedded().utils
-    utils.ensure_user_exists(SYSTEM_USER)
-    utils.ensure_prefix_permissions(folder)
+    import stat
+
+    pg = _embedded()
+    pg.utils.ensure_user_exists(SYSTEM_USER)
+    # that user must reach the data folder, and run the programs wherever the virtualenv is (a folder
+    # made by mktemp is private): what the wheel's own get_server does
+    pg.utils.ensure_prefix_permissions(folder)
+    bin_path = pg._commands.POSTGRES_BIN_PATH
+    pg.utils.ensure_prefix_permissions(bin_path)
+    readable = stat.S_IRGRP | stat.S_IROTH
+    pg.utils.ensure_folder_permissions(bin_path, readable | stat.S_IXGRP | stat.S_IXOTH)
+    pg.utils.ensure_folder_permissions(bin_path.parent / "lib", readable)
     return SYSTEM_USER
 
 

@@ -89,9 +89,6 @@ def test_cold_run_registers_and_promotes_version_1_with_lineage(cold_project, pr
     assert len(client.get_metric_history(mv.run_id, "val_accuracy")) == epochs
     assert mlflow_run.data.tags["tollgate.data_version"] == manifest["data_version"]
     assert mlflow_run.data.tags["tollgate.gate"] == "passed"
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
-        mlflow_run.data.metrics
-    )  # MLflow's system metrics, sampled while training ran
     logged = {a.path for a in client.list_artifacts(mv.run_id, "evaluation")}
     assert {"evaluation/gate.md", "evaluation/confusion_matrix.png"} <= logged
     # the registered files are readable by an MLflow or KServe server running as another user

@@ -94,6 +94,19 @@ def test_a_checkpoint_from_other_settings_is_not_resumed(project):
     set_param(project, "train.lr", 0.003)
 
 
+def test_training_runs_carry_system_metrics(project):
+    """MLflow samples CPU and memory (GPU where there is one) while training runs. Its monitor drops a
+    sampling window cut short by the run's end, so this run samples often enough to be seen."""
+    set_param(project, "mlflow.system_metrics_s", 0.2)
+    try:
+        run(["tollgate", "train"], cwd=project)
+    finally:
+        set_param(project, "mlflow.system_metrics_s", 2.0)
+    run_id = json.loads((project / paths.TRAIN_REPORT).read_text())["run_id"]
+    metrics = model_client(project).get_run(run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+
+
 def test_an_unreadable_checkpoint_is_discarded_and_training_starts_afresh(project):
     _kill_after_epoch(project, 3)
     checkpoint = project / paths.TRAIN_CHECKPOINT
