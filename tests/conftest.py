@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, make_project, run, tool_env
+from tests.support import ROOT, make_project, run, tool_env, two_version_project
 
 # Stage commands (`tollgate <stage>`) run as subprocesses of DVC, also when the flow calls DVC in-process.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -36,3 +36,10 @@ def cold_project(tmp_path_factory) -> dict:
     project = make_project(tmp_path_factory.mktemp("cold") / "project")
     proc = run(["dvc", "repro"], cwd=project)
     return {"path": project, "output": proc.stdout + proc.stderr, "lock": (project / "dvc.lock").read_text()}
+
+
+@pytest.fixture(scope="session")
+def two_versions(tmp_path_factory) -> Path:
+    """A project after two pipeline runs (v2 @champion, v1 @previous), shared by the serving and promotion
+    tests: each of those puts @champion back on v2 (and @previous on v1) before it starts."""
+    return two_version_project(tmp_path_factory.mktemp("two-versions") / "project")

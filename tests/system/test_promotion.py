@@ -22,7 +22,6 @@ from tests.support import (
     run,
     set_param,
     tool_env,
-    two_version_project,
     wait_http,
 )
 
@@ -31,8 +30,8 @@ NAME = "tollgate-classifier"
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    return two_version_project(tmp_path_factory.mktemp("promotion") / "project")
+def project(two_versions):
+    return two_versions
 
 
 def _alias(project, alias) -> str:

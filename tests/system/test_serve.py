@@ -12,16 +12,19 @@ import numpy as np
 import pytest
 
 from pipeline import paths
-from tests.support import Server, http, model_client, run, set_param, two_version_project
+from tests.support import Server, http, model_client, run, set_param
 
 pytestmark = pytest.mark.slow
 NAME = "tollgate-classifier"
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A project with two registered versions (v2 champion, v1 previous)."""
-    return two_version_project(tmp_path_factory.mktemp("serve") / "project")
+def project(two_versions):
+    """A project with two registered versions, v2 @champion and v1 @previous."""
+    if str(model_client(two_versions).get_model_version_by_alias(NAME, "champion").version) != "2":
+        run(["tollgate", "rollback", "--to", "2"], cwd=two_versions)
+    model_client(two_versions).set_registered_model_alias(NAME, "previous", "1")
+    return two_versions
 
 
 @pytest.fixture(scope="module")
