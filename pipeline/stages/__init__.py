@@ -10,9 +10,12 @@ run's stage waits instead of working beside it on the same outputs and MLflow ru
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline import paths
@@ -28,6 +31,20 @@ def log(msg: str) -> None:
     print(f"[tollgate] {msg}", flush=True)
 
 
+_work_s = [0.0]  # seconds this process spent in its stage's own step (see `work`)
+
+
+@contextlib.contextmanager
+def work() -> Iterator[None]:
+    """Count the time of a stage's own step (prepare's split, the training loop, the evaluation, ...): what
+    the stage reports as its work; the rest of the process (start-up, imports, tracking) is overhead."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _work_s[0] += time.perf_counter() - start
+
+
 def run(name: str, params: Params, root: Path) -> dict:
     """Run stage `name` as `tollgate <name>` does."""
     if name not in STAGES:
@@ -35,7 +52,12 @@ def run(name: str, params: Params, root: Path) -> dict:
     stage = importlib.import_module(f"{__name__}.{name}")
     waiting = f"waiting for another stage process of this checkout to finish ({paths.STAGE_LOCK} is held)"
     with locked(root / paths.STAGE_LOCK, waiting):
-        return stage.run(params, root)
+        result = stage.run(params, root)
+    import psutil
+
+    wall = time.time() - psutil.Process().create_time()
+    log(f"{name}: {_work_s[0]:.2f} s of work in {wall:.2f} s (overhead {wall - _work_s[0]:.2f} s)")
+    return result
 
 
 def worker_main(name: str) -> None:

@@ -13,7 +13,7 @@ from pipeline import model as model_io
 from pipeline.config import Params
 from pipeline.data import load_split
 from pipeline.files import load_json, write_csv, write_json, write_text
-from pipeline.stages import log
+from pipeline.stages import log, work
 
 
 def run(params: Params, root: Path) -> dict:
@@ -21,36 +21,23 @@ def run(params: Params, root: Path) -> dict:
     run_id = load_json(root / paths.TRAIN_REPORT)["run_id"]
     model, meta = model_io.load(root / paths.MODEL_DIR)
     test = load_split(root / paths.PREPARED_DIR, "test")
+    store = tracking.connect(params, root)
 
     def probs_of(pixels) -> np.ndarray:
         return model_io.predict_proba(model, pixels).numpy()
 
-    quality, pred = evaluate.assess(probs_of, np.asarray(test.x), test.y, test.classes, cfg)
-    quality["n_params"] = sum(p.numel() for p in model.parameters())
-    quality["model_mb"] = (root / paths.MODEL_DIR / model_io.WEIGHTS).stat().st_size / 1e6
-    perf = evaluate.speed_metrics(probs_of, meta["input_shape"], cfg)
-    perf["device"] = str(next(model.parameters()).device)
-
-    store = tracking.connect(params, root)
-    champion = evaluate.champion_scores(store, params.registry.model_name, test, cfg)
-    verdict = evaluate.gate({**quality, **perf}, test.classes, params.gate, champion)
+    with work():
+        quality, pred = evaluate.assess(probs_of, np.asarray(test.x), test.y, test.classes, cfg)
+        quality["n_params"] = sum(p.numel() for p in model.parameters())
+        quality["model_mb"] = (root / paths.MODEL_DIR / model_io.WEIGHTS).stat().st_size / 1e6
+        perf = evaluate.speed_metrics(probs_of, meta["input_shape"], cfg)
+        perf["device"] = str(next(model.parameters()).device)
+        champion = evaluate.champion_scores(store, params.registry.model_name, test, cfg)
+        verdict = evaluate.gate({**quality, **perf}, test.classes, params.gate, champion)
     verdict.update(
         run_id=run_id, champion_version=champion and champion["version"], data_version=meta["data_version"]
     )
-
-    write_json(root / paths.EVAL_METRICS, quality)
-    write_json(root / paths.PERF_METRICS, perf)
-    write_csv(
-        root / paths.CONFUSION,
-        [
-            {"actual": test.classes[a], "predicted": test.classes[p]}
-            for a, p in zip(test.y, pred, strict=True)
-        ],
-    )
-    write_json(root / paths.GATE_REPORT, verdict)
-    write_text(root / paths.GATE_MARKDOWN, evaluate.gate_markdown(verdict))
-
-    cm = evaluate.confusion_matrix(test.y, pred, len(test.classes))
+    cm = _persist(root, quality, perf, verdict, test, pred)
     numbers = {
         k: v for k, v in {**quality, **perf}.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
@@ -71,3 +58,19 @@ def run(params: Params, root: Path) -> dict:
     for warning in verdict["warnings"]:
         log(f"gate warning (not blocking): {warning}")
     return verdict
+
+
+def _persist(root: Path, quality: dict, perf: dict, verdict: dict, test, pred: np.ndarray) -> np.ndarray:
+    """The metrics, the confusion plot's rows and the gate report; returns the confusion matrix."""
+    write_json(root / paths.EVAL_METRICS, quality)
+    write_json(root / paths.PERF_METRICS, perf)
+    write_csv(
+        root / paths.CONFUSION,
+        [
+            {"actual": test.classes[a], "predicted": test.classes[p]}
+            for a, p in zip(test.y, pred, strict=True)
+        ],
+    )
+    write_json(root / paths.GATE_REPORT, verdict)
+    write_text(root / paths.GATE_MARKDOWN, evaluate.gate_markdown(verdict))
+    return evaluate.confusion_matrix(test.y, pred, len(test.classes))

@@ -8,12 +8,13 @@ from pipeline import paths
 from pipeline.config import Params
 from pipeline.data import prepare
 from pipeline.sources import SourceError
-from pipeline.stages import StageFailed, log
+from pipeline.stages import StageFailed, log, work
 
 
 def run(params: Params, root: Path) -> dict:
     try:
-        manifest = prepare(params.data, params.seed, root / paths.PREPARED_DIR, root / params.data.root)
+        with work():
+            manifest = prepare(params.data, params.seed, root / paths.PREPARED_DIR, root / params.data.root)
     except SourceError as err:
         raise StageFailed(str(err)) from None
     sizes = {s: sum(c.values()) for s, c in manifest["counts"].items()}

@@ -10,7 +10,7 @@ from pipeline import paths, tracking
 from pipeline.config import Params
 from pipeline.files import load_json, write_json
 from pipeline.promote import PromotionError, promote
-from pipeline.stages import StageFailed, log
+from pipeline.stages import StageFailed, log, work
 
 
 def run(params: Params, root: Path) -> dict:
@@ -18,8 +18,10 @@ def run(params: Params, root: Path) -> dict:
     if not registration["registered"]:
         result = {"promoted": False, "reason": "candidate rejected: " + "; ".join(registration["reasons"])}
     else:
+        store = tracking.connect(params, root)
         try:
-            result = promote(tracking.connect(params, root), params, root, registration["version"])
+            with work():
+                result = promote(store, params, root, registration["version"])
         except PromotionError as err:
             write_json(root / paths.PROMOTION, {"promoted": False, "reason": str(err)})
             raise StageFailed(str(err)) from None

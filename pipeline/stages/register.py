@@ -8,12 +8,13 @@ from pathlib import Path
 from pipeline import paths, registry, tracking
 from pipeline.config import Params
 from pipeline.files import load_json, write_json
-from pipeline.stages import log
+from pipeline.stages import log, work
 
 
 def run(params: Params, root: Path) -> dict:
     store = tracking.connect(params, root)
-    result, existed = registry.register(store, params, root, load_json(root / paths.GATE_REPORT))
+    with work():
+        result, existed = registry.register(store, params, root, load_json(root / paths.GATE_REPORT))
     write_json(root / paths.REGISTRATION, result)
     if result["registered"]:
         again = " (already registered for this run)" if existed else ""

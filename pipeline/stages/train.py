@@ -13,7 +13,7 @@ from pipeline import model as model_io
 from pipeline.config import Params
 from pipeline.data import load_split, read_manifest
 from pipeline.files import atomic_dir, load_json, write_csv, write_json
-from pipeline.stages import StageFailed, log, worker_main
+from pipeline.stages import StageFailed, log, work, worker_main
 from pipeline.train import TrainResult, fingerprint, load_checkpoint, world
 from pipeline.train import train as fit
 
@@ -66,17 +66,18 @@ def _train(params: Params, root: Path) -> dict:
         if resume is not None:
             log(f"resuming from the checkpoint after epoch {resume['epoch']} (MLflow run {run_id})")
         start = time.perf_counter()
-        result = fit(
-            params.train,
-            params.seed,
-            *splits,
-            meta,
-            _epoch_logger(params.train.epochs),
-            checkpoint=checkpoint,
-            resume=resume,
-            extra_state={"run_id": mlflow_run.info.run_id},
-            run_key=key,
-        )
+        with work():
+            result = fit(
+                params.train,
+                params.seed,
+                *splits,
+                meta,
+                _epoch_logger(params.train.epochs),
+                checkpoint=checkpoint,
+                resume=resume,
+                extra_state={"run_id": mlflow_run.info.run_id},
+                run_key=key,
+            )
         report = _persist(root, result, meta, mlflow_run.info.run_id, world_size, time.perf_counter() - start)
         tracking.finish_training(root / paths.TRAIN_HISTORY, result.device, result.best_epoch)
     write_json(root / paths.TRAIN_REPORT, report)

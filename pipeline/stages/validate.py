@@ -8,12 +8,12 @@ from pathlib import Path
 from pipeline import paths
 from pipeline.config import Params
 from pipeline.files import atomic_dir, write_json
-from pipeline.stages import StageFailed, log
+from pipeline.stages import StageFailed, log, work
 from pipeline.validate import DOCS_INDEX, run_suite
 
 
 def run(params: Params, root: Path) -> dict:
-    with atomic_dir(root / paths.DATA_DOCS) as docs:
+    with atomic_dir(root / paths.DATA_DOCS) as docs, work():
         report = run_suite(root / paths.PREPARED_DIR, params.validate_, docs)
     n = len(report["checks"])
     for warning in report["warnings"]:
