@@ -80,8 +80,12 @@ class StageTimeout(StageError):
     """Retrying a stage that ran out of time would only spend the same time again."""
 
 
+class StageFenced(StageError):
+    """Promotion found @champion moved since evaluation: retrying promote alone would be fenced again."""
+
+
 def _worth_retrying(task, task_run, state) -> bool:
-    return not isinstance(state.result(raise_on_failure=False), StageTimeout)
+    return not isinstance(state.result(raise_on_failure=False), StageTimeout | StageFenced)
 
 
 def run_stage(stage: str, root: str, force: bool = False, timeout_s: float | None = None) -> bool:
@@ -97,7 +101,8 @@ def run_stage(stage: str, root: str, force: bool = False, timeout_s: float | Non
             if expired.is_set():
                 msg = f"stage {stage} timed out after {timeout_s:g} s (flow.timeout_s)"
                 raise StageTimeout(msg) from None
-            raise StageError(_cause(stage, Path(root))) from None
+            fenced = stage == "promote" and read_report(Path(root) / paths.PROMOTION).get("fenced")
+            raise (StageFenced if fenced else StageError)(_cause(stage, Path(root))) from None
     return bool(ran)
 
 
@@ -242,8 +247,12 @@ def training_pipeline(root: str = ".", force: bool = False, params: dict[str, An
 
 
 def _run_stages(root: Path, force: bool, cfg: FlowConfig, ran: list[str]):
-    """Run the stages in order, appending to `ran` those DVC did not skip; the flow's final state."""
-    for stage in STAGES:
+    """Run the stages in order, appending to `ran` those DVC did not skip; the flow's final state. A
+    promotion fenced because another run moved @champion since evaluation re-runs evaluate (against the
+    new champion), register and promote, once."""
+    todo, forced, regated = list(STAGES), set(), False
+    while todo:
+        stage = todo.pop(0)
         retries = cfg.retries.get(stage, 0)
         step = task(
             run_stage,
@@ -253,9 +262,14 @@ def _run_stages(root: Path, force: bool, cfg: FlowConfig, ran: list[str]):
             retry_condition_fn=_worth_retrying,
         )
         try:
-            if step(stage, str(root), force, cfg.timeout_s.get(stage)):
+            if step(stage, str(root), force or stage in forced, cfg.timeout_s.get(stage)):
                 ran.append(stage)
                 publish_artifacts(stage, root)
+        except StageFenced as err:
+            if regated:
+                return Failed(message=str(err))
+            print(f"{err}: evaluating again against the new champion, once")
+            todo, forced, regated = ["evaluate", "register", "promote"], {"evaluate"}, True
         except StageError as err:
             publish_artifacts(stage, root)
             return Failed(message=str(err))

@@ -133,6 +133,9 @@ class GateConfig(_Section):
 class RegistryConfig(_Section):
     model_name: str = Field("tollgate-classifier", min_length=1)
     experiment: str = Field("tollgate", min_length=1)
+    guard: Literal["auto", "prefect", "postgres", "file"] = "auto"
+    guard_timeout_s: float = Field(600.0, gt=0.0)
+    guard_lease_s: float = Field(60.0, gt=0.0)
 
 
 class ServeConfig(_Section):
@@ -150,6 +153,8 @@ class ServeConfig(_Section):
     max_connections: int = Field(512, ge=1)
     smoke_images: int = Field(16, ge=1)
     timeout_s: float = Field(30.0, gt=0.0)
+    follow_interval_s: float = Field(30.0, ge=0.0)
+    replicas: list[str] = Field(default_factory=list)
 
 
 # The pipeline's stages in order: dvc.yaml declares them, `tollgate <stage>` runs one, the flow runs them all.

@@ -3,18 +3,36 @@
 With TOLLGATE_FAILPOINT=<name> in its environment, a process that reaches `reach(name)` kills itself with
 SIGKILL: no cleanup runs, exactly as after `kill -9` or a power cut. With TOLLGATE_FAILPOINT=<name>:stop it
 stops itself (SIGSTOP) instead, for the test to break something around it (a server, a disk) and let it go
-on with SIGCONT. Unset (always, outside tests), a point costs one dictionary lookup.
+on with SIGCONT. With <name>:pause it writes `paused-<pid>` into the folder TOLLGATE_FAILPOINT_DIR and
+waits, threads still running, until a file `go` appears there: a test can line several processes up at
+one point, or kill one while it holds something. With <name>:raise the point raises FailpointError, as an
+error at that point would. Unset (always, outside tests), a point costs one dictionary lookup.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
+
+
+class FailpointError(RuntimeError):
+    pass
 
 
 def reach(name: str) -> None:
     wanted = os.environ.get("TOLLGATE_FAILPOINT")
+    if wanted is None or not wanted.startswith(name):
+        return
     if wanted == name:
         os.kill(os.getpid(), signal.SIGKILL)
     elif wanted == f"{name}:stop":
         os.kill(os.getpid(), signal.SIGSTOP)
+    elif wanted == f"{name}:raise":
+        raise FailpointError(f"failpoint {name}")
+    elif wanted == f"{name}:pause":
+        folder = Path(os.environ["TOLLGATE_FAILPOINT_DIR"])
+        (folder / f"paused-{os.getpid()}").touch()
+        while not (folder / "go").exists():
+            time.sleep(0.05)

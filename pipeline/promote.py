@@ -1,18 +1,23 @@
-"""promote: move @champion to a registered version and make the serving target follow, or roll back.
+"""promote: move @champion to a registered version and make the serving targets follow, or roll back.
 
-`@champion` and the version the server answers with must never disagree. Under one file lock (which a
-starting server also takes), a move goes:
+`@champion` and the versions the servers answer with must never disagree. Under the promotion guard
+(pipeline/guard.py: one promotion per model across every machine sharing the registry) and this
+checkout's file lock (which a starting server also takes), a move goes:
 
-1. finish or undo whatever a killed promotion left (its intent record, below);
-2. find this checkout's server: one that is registered and alive but does not answer fails the move;
-3. load the version from the registry the way the server will and predict on test images: a version that
+1. finish or undo whatever a killed promotion of this checkout left (its intent record, below);
+2. re-read @champion: a promotion whose gate compared against another champion is fenced ("champion moved
+   from vN to vM since evaluation; re-run evaluate"), so no candidate passes on a stale comparison;
+3. find this checkout's server: one that is registered and alive but does not answer fails the move;
+4. load the version from the registry the way the servers will and predict on test images: a version that
    cannot load (missing artifacts, truncated weights, a registry error) never becomes champion;
-4. write the intent record (from, to), move `@champion`, make the server reload and verify it serves the
-   version and predicts like the registry's copy; any exception here puts alias and server back;
-5. mark the record verified, point `@previous` at the old champion, remove the record.
+5. write the intent record (from, to), move `@champion`, make the local server reload and verify it, and
+   wait for every replica (`serve.replicas` / TOLLGATE_REPLICAS: servers that follow the alias by
+   themselves) to serve the version and predict like the registry's copy; any exception here puts the
+   alias back, and the replicas follow it back;
+6. mark the record verified, point `@previous` at the old champion, remove the record.
 
-A process killed inside 4 leaves the record in phase "moving": the next promote, rollback or server start
-undoes the move. Killed inside 5, it finds "verified" and completes it.
+A process killed inside 5 leaves the record in phase "moving": the next promote, rollback or server start
+undoes the move. Killed inside 6, it finds "verified" and completes it.
 
 A deliberate rollback is remembered on the version it left (tag `tollgate.rolled_back`): the promote stage
 re-running for that version (after an unrelated params change) does not put it back; `tollgate rollback
@@ -29,17 +34,35 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import failpoints, paths
+from pipeline import failpoints, guard, paths
 from pipeline.config import Params
 from pipeline.files import locked, read_report, write_json
 from pipeline.serving.client import Server, Unreachable, running_server
 from pipeline.tracking import CHAMPION, PREVIOUS, Store, VersionRef, model_uri
 
 ROLLED_BACK = "tollgate.rolled_back"
+UNCHECKED = object()  # a rollback: no gate to be fenced by
 
 
 class PromotionError(RuntimeError):
     """The move did not happen or was undone; the message says why and where the alias stands."""
+
+
+class Fenced(PromotionError):
+    """@champion is no longer the version the candidate's gate compared against: evaluate again."""
+
+    def __init__(self, gated: str | None, now: str | None):
+        self.gated, self.now = gated, now
+        was, now_ = (f"v{v}" if v else "none" for v in (gated, now))
+        super().__init__(f"champion moved from {was} to {now_} since evaluation; re-run evaluate")
+
+
+def replicas(params: Params) -> list[str]:
+    """The servers elsewhere that promotion waits for: TOLLGATE_REPLICAS (comma-separated) or
+    serve.replicas."""
+    listed = os.environ.get("TOLLGATE_REPLICAS")
+    urls = listed.split(",") if listed is not None else params.serve.replicas
+    return [u.strip().rstrip("/") for u in urls if u.strip()]
 
 
 @contextlib.contextmanager
@@ -93,13 +116,55 @@ def verify(
     meta = server.call("GET", f"/v2/models/{name}", timeout=timeout)
     if str(meta.get("versions", [None])[0]) != version:
         raise PromotionError(f"server reports version {meta.get('versions')}, expected {version}")
+    verify_predictions(server, smoke_x, expected, timeout)
+
+
+def verify_predictions(server: Server, smoke_x: np.ndarray, expected: np.ndarray, timeout: float) -> None:
     out = server.call("POST", "/invocations", {"inputs": smoke_x.astype(float).tolist()}, timeout=timeout)
     got = np.asarray(out["predictions"]).argmax(1)
     if not np.array_equal(got, expected):
         raise PromotionError(
-            f"server predictions differ from the registry's model on {int((got != expected).sum())} "
+            f"{server.url} predictions differ from the registry's model on {int((got != expected).sum())} "
             f"of {len(expected)} smoke images"
         )
+
+
+def _serves(url: str, name: str, version: str | None, deadline: float) -> str | None:
+    """Wait until the replica at `url` reports `version`; None when it does, else what it reports."""
+    seen = "nothing"
+    while True:
+        try:
+            seen = "v" + str(Server(url).call("GET", f"/v2/models/{name}", timeout=5.0)["versions"][0])
+            if seen == f"v{version}":
+                return None
+        except (OSError, ValueError, KeyError) as err:
+            seen = f"no answer ({err})"
+        if time.monotonic() > deadline:
+            return seen
+        time.sleep(0.2)
+
+
+def verify_replicas(
+    urls: list[str], name: str, version: str, smoke_x: np.ndarray, expected: np.ndarray, params: Params
+) -> None:
+    """Every replica serves `version` within one follow interval plus `serve.timeout_s`, and predicts
+    like the registry's copy of it."""
+    deadline = time.monotonic() + params.serve.follow_interval_s + params.serve.timeout_s
+    late = {url: seen for url in urls if (seen := _serves(url, name, version, deadline))}
+    if late:
+        listed = ", ".join(f"{url} still serves {seen}" for url, seen in late.items())
+        raise PromotionError(f"replicas did not follow to v{version} in time: {listed}")
+    for url in urls:
+        verify_predictions(Server(url), smoke_x, expected, params.serve.timeout_s)
+
+
+def _replicas_back(urls: list[str], name: str, version: str | None, params: Params) -> str:
+    """After the alias went back: '' when every replica serves `version` again, else a note naming them."""
+    if not urls or version is None:
+        return ""
+    deadline = time.monotonic() + params.serve.follow_interval_s + params.serve.timeout_s
+    stuck = [url for url in urls if _serves(url, name, version, deadline)]
+    return f"; replicas not back on v{version}: {', '.join(stuck)}" if stuck else ""
 
 
 def _intent(root: Path) -> Path:
@@ -141,60 +206,67 @@ def recover(store: Store, params: Params, root: Path) -> str | None:
     return done
 
 
-def move_champion(store: Store, params: Params, root: Path, version: str) -> dict:
-    """Point @champion at `version` with the server following and verified, or change nothing (see the
-    module docstring for the sequence). Promotion and rollback both come through here."""
+def move_champion(store: Store, params: Params, root: Path, version: str, gated_against=UNCHECKED) -> dict:
+    """Point @champion at `version` with the servers following and verified, or change nothing (see the
+    module docstring for the sequence). Promotion and rollback both come through here; a promotion passes
+    `gated_against`, the champion version its gate compared with (None: there was none)."""
     from mlflow.exceptions import MlflowException
 
     name = params.registry.model_name
-    timeout = params.serve.timeout_s
     try:
         store.client.get_model_version(name, version)
     except MlflowException as err:
         raise PromotionError(f"{name} has no version {version}: {err.message}") from None
-    with lock(root, params):
-        recover(store, params, root)
-        previous = store.version(name, CHAMPION)
-        try:
-            server = running_server(root, timeout)
-        except Unreachable as err:
-            raise PromotionError(
-                f"{err}; nothing moved (a busy or stuck server is not an absent one)"
-            ) from None
-        smoke_x, expected = smoke_check(store, params, root, version)
-        before = previous.version if previous else None
-        write_json(
-            _intent(root),
-            {
-                "name": name,
-                "from": before,
-                "to": version,
-                "phase": "moving",
-                "pid": os.getpid(),
-                "time": time.time(),
-            },
-        )
-        try:
-            store.point(name, CHAMPION, version)
-            failpoints.reach("promote:alias-moved")
-            if server is not None:
-                verify(server, name, version, smoke_x, expected, timeout)
-        except BaseException as err:  # anything at all, Ctrl-C included: put both sides back
-            store.point(name, CHAMPION, before)
-            note = _reload_quietly(server, timeout)
-            _intent(root).unlink(missing_ok=True)
-            if not isinstance(err, Exception):
-                raise
-            back = f"v{before}" if before else "no champion"
-            raise PromotionError(
-                f"serving target failed verification of v{version}: {err}; @champion restored to {back}{note}"
-            ) from None
-        write_json(_intent(root), {"name": name, "from": before, "to": version, "phase": "verified"})
-        failpoints.reach("promote:verified")
-        if before is not None and before != version:
-            store.point(name, PREVIOUS, before)
+    try:
+        with guard.held(params, store.uri), lock(root, params):
+            return _move(store, params, root, version, gated_against)
+    except guard.GuardError as err:
+        raise PromotionError(f"{err}; nothing moved") from None
+
+
+def _move(store: Store, params: Params, root: Path, version: str, gated_against) -> dict:
+    name = params.registry.model_name
+    timeout = params.serve.timeout_s
+    recover(store, params, root)
+    previous = store.version(name, CHAMPION)
+    before = previous.version if previous else None
+    if gated_against is not UNCHECKED and before not in (gated_against, version):
+        raise Fenced(gated_against, before)
+    try:
+        server = running_server(root, timeout)
+    except Unreachable as err:
+        raise PromotionError(f"{err}; nothing moved (a busy or stuck server is not an absent one)") from None
+    followers = replicas(params)
+    smoke_x, expected = smoke_check(store, params, root, version)
+    failpoints.reach("promote:guarded")
+    intent = {"name": name, "from": before, "to": version, "phase": "moving"}
+    write_json(_intent(root), {**intent, "pid": os.getpid(), "time": time.time()})
+    try:
+        store.point(name, CHAMPION, version)
+        failpoints.reach("promote:alias-moved")
+        if server is not None:
+            verify(server, name, version, smoke_x, expected, timeout)
+        verify_replicas(followers, name, version, smoke_x, expected, params)
+    except BaseException as err:  # anything at all, Ctrl-C included: put every side back
+        store.point(name, CHAMPION, before)
+        note = _reload_quietly(server, timeout) + _replicas_back(followers, name, before, params)
         _intent(root).unlink(missing_ok=True)
-    return _moved(name, version, previous, server)
+        if not isinstance(err, Exception):
+            raise
+        back = f"v{before}" if before else "no champion"
+        raise PromotionError(
+            f"serving target failed verification of v{version}: {err}; @champion restored to {back}{note}"
+        ) from None
+    write_json(_intent(root), {**intent, "phase": "verified"})
+    failpoints.reach("promote:verified")
+    if before is not None and before != version:
+        store.point(name, PREVIOUS, before)
+    _intent(root).unlink(missing_ok=True)
+    result = _moved(name, version, previous, server)
+    if followers:
+        result["replicas"] = followers
+        result["summary"] += f"; {len(followers)} replica(s) follow it, verified"
+    return result
 
 
 def _moved(name: str, version: str, previous: VersionRef | None, server: Server | None) -> dict:
@@ -241,9 +313,10 @@ def rollback(store: Store, params: Params, root: Path, to: str | None = None) ->
     return result
 
 
-def promote(store: Store, params: Params, root: Path, version: str) -> dict:
-    """What the promote stage does for the version register just made: `move_champion`, unless that version
-    was rolled back on purpose, then hand the champion to `serve.target` when it is not the local server."""
+def promote(store: Store, params: Params, root: Path, version: str, gated_against=UNCHECKED) -> dict:
+    """What the promote stage does for the version register just made: `move_champion` (fenced by the
+    champion its gate compared against), unless that version was rolled back on purpose, then hand the
+    champion to `serve.target` when it is not the local server."""
     name = params.registry.model_name
     mark = store.client.get_model_version(name, version).tags.get(ROLLED_BACK)
     if mark:
@@ -263,7 +336,7 @@ def promote(store: Store, params: Params, root: Path, version: str) -> dict:
         except LookupError as err:
             target = params.serve.target
             raise PromotionError(f"serve.target {target} cannot take v{version}: {err}") from None
-    result = move_champion(store, params, root, version)
+    result = move_champion(store, params, root, version, gated_against)
     if planned is not None:
         result["deploy"] = deploy.apply(root, planned)
         result["summary"] += "; " + result["deploy"]["summary"]

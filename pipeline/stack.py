@@ -100,6 +100,9 @@ def server_environments(t: Topology) -> dict[str, dict[str, str]]:
         "prefect": {
             "PREFECT_API_DATABASE_CONNECTION_URL": t.database("prefect", "asyncpg"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # A promotion guard whose holder died is reclaimed within 2 s of its lease running out
+            # (Prefect's default check is every 15 s).
+            "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
         },
     }
 

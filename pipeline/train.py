@@ -314,6 +314,11 @@ def train(
                 )
         if world_size > 1:
             torch.distributed.all_reduce(totals)
+            # DDP syncs buffers at the start of each forward, so after the last step each process holds
+            # its own batch-norm statistics: take rank 0's, so every process (and every node's saved
+            # model) evaluates and keeps the same network.
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         elapsed = time.perf_counter() - start
         val_loss, val_acc = _evaluate(model, val_batches, 4 * cfg.batch_size, speed)
         n_seen, loss_sum, correct = totals.tolist()
@@ -340,7 +345,7 @@ def train(
         else:
             best["stale"] += 1
         rngs = _gather_rng(aug_gen, world_size)  # every process takes part, only rank 0 writes
-        if checkpoint is not None and rank == 0:
+        if checkpoint is not None and local_rank == 0:  # every node keeps its own, to resume from
             _save_checkpoint(
                 checkpoint,
                 {

@@ -14,6 +14,7 @@ import gc
 import os
 import secrets
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from pipeline.serving import protocols
 from pipeline.serving.batching import Batcher, ModelSlot, NoModel, Served
 from pipeline.serving.metrics import Measure, Metrics
 from pipeline.serving.protocols import Refused
+from pipeline.tracking import CHAMPION
 
 # Bodies up to this size are parsed on the event loop (well under a millisecond, less than a hand-off to a
 # thread costs); larger ones, and every image decode, run on a thread so other requests keep flowing.
@@ -98,6 +100,28 @@ class ScoringRoute:
         await send({"type": "http.response.body", "body": out})
 
 
+async def follow(slot: ModelSlot, metrics: Metrics, interval: float, status: dict) -> None:
+    """Re-read the alias every `interval` seconds and swap to what it names, the way /admin/reload does:
+    replicas anywhere converge on a promotion without being told. A version that cannot be loaded is
+    counted and retried at the next check; the model already loaded keeps serving."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        before = slot.current.version if slot.current else None
+        try:
+            served = await loop.run_in_executor(None, slot.reload)
+            status["error"] = None
+            metrics.served(slot.name, served.version)
+            if served.version != before:
+                print(f"[tollgate] @champion moved: now serving {slot.name} v{served.version}", flush=True)
+        except Exception as err:  # noqa: BLE001 - whatever fails, keep serving and check again
+            status["error"] = f"{type(err).__name__}: {err}"
+            metrics.follow_errors.inc()
+            print(f"[tollgate] cannot follow @champion: {status['error']}", flush=True)
+        status["checked_at"] = time.time()
+        metrics.alias_checked.set(status["checked_at"])
+
+
 def _authorized(header: str, token: str) -> bool:
     given = header.removeprefix("Bearer ").strip()
     # Bytes, not str: compare_digest refuses non-ASCII text, and any header byte is possible.
@@ -112,13 +136,19 @@ def create_app(params: Params, slot: ModelSlot, token: str, on_shutdown=None) ->
     if slot.current is not None:
         metrics.served(name, slot.current.version)
     state: dict = {}
+    follows = slot.model_uri is None and cfg.follow_interval_s > 0
+    followed = {"alias": f"@{CHAMPION}", "interval_s": cfg.follow_interval_s, "checked_at": time.time()}
+    metrics.alias_checked.set(followed["checked_at"])
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state["batcher"] = batcher = Batcher(cfg, metrics)
-        task = asyncio.create_task(batcher.run())
+        tasks = [asyncio.create_task(batcher.run())]
+        if follows:
+            tasks.append(asyncio.create_task(follow(slot, metrics, cfg.follow_interval_s, followed)))
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
         batcher.worker.shutdown(wait=False)
         if on_shutdown is not None:
             on_shutdown()
@@ -186,6 +216,7 @@ def create_app(params: Params, slot: ModelSlot, token: str, on_shutdown=None) ->
                 {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(served.meta["classes"])]}
             ],
             "classes": served.meta["classes"],
+            "parameters": {"follows": followed if follows else None},
         }
 
     @app.get("/v2/models/{model_name}/ready")

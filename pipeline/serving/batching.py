@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline import failpoints
 from pipeline.config import ServeConfig
 from pipeline.model import Classifier, predict_proba
 from pipeline.serving.metrics import Metrics
@@ -58,6 +59,8 @@ class ModelSlot:
             version, uri = self._target()
             if self.current is not None and self.current.version == version:
                 return self.current
+            if self.current is not None:
+                failpoints.reach("serve:swap")
             model, meta = self.store.load_model(uri)
             h, w, c = meta["input_shape"]
             predict_proba(model, torch.zeros(1, h, w, c))  # warm up before taking traffic

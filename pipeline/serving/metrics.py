@@ -31,6 +31,16 @@ class Metrics:
         self.version = Gauge(
             "tollgate_model_version", "Served model version", ["model", "version"], registry=self.registry
         )
+        self.alias_checked = Gauge(
+            "tollgate_alias_checked_timestamp_seconds",
+            "When the server last read the alias it follows (Unix time)",
+            registry=self.registry,
+        )
+        self.follow_errors = Counter(
+            "tollgate_follow_errors",
+            "Alias checks that could not load what the alias names (the old model keeps serving)",
+            registry=self.registry,
+        )
 
     def served(self, name: str, version: str) -> None:
         self.version.clear()

@@ -1,5 +1,6 @@
 """train: fit the classifier (pipeline/train.py) into one MLflow run, resumable after a kill, on one
-process or as torchrun workers (pipeline/distributed.py): rank 0 alone logs and writes the outputs."""
+process or as torchrun workers on one or several nodes (pipeline/distributed.py): rank 0 alone logs, the
+first process of each node writes the outputs into its checkout."""
 
 from __future__ import annotations
 
@@ -19,23 +20,31 @@ from pipeline.train import train as fit
 
 
 def run(params: Params, root: Path) -> dict:
-    if params.train.nproc_per_node > 1 and not distributed.is_worker():
+    cfg = params.train
+    if distributed.needs_torchrun(cfg.nproc_per_node, cfg.torchrun_args) and not distributed.is_worker():
+        data_version = read_manifest(root / paths.PREPARED_DIR)["data_version"]
+        key = distributed.job_key(params.seed, cfg.model_dump(mode="json"), data_version, _code())
         try:
-            distributed.launch(params.train, root)
-        except RuntimeError as err:
+            distributed.launch(cfg.nproc_per_node, cfg.torchrun_args, key, root)
+        except distributed.LaunchError as err:
             raise StageFailed(str(err)) from None
         return load_json(root / paths.TRAIN_REPORT)
-    with distributed.process_group(params.train):
+    with distributed.process_group(cfg.backend):
         return _train(params, root)
+
+
+def _code() -> str:
+    """A digest of every module the stage runs: a checkpoint or job of other code is another one."""
+    return codegraph.digest(codegraph.closure([distributed.STAGE]))
 
 
 def _resumable(root: Path, key: str, store: tracking.Store | None) -> dict | None:
     """The checkpoint of this very run (same settings, data, code, process count) when it can go on in its
-    MLflow run; rank 0 decides for all processes (`store` is None on the others)."""
+    MLflow run: every node must have it, and rank 0 decides for all (`store` is None on the others)."""
     path = root / paths.TRAIN_CHECKPOINT
     state = load_checkpoint(path, key)
     run_id = state["extra"].get("run_id") if state else None
-    usable = state is not None and (store is None or store.run_exists(run_id))
+    usable = distributed.everyone(state is not None) and (store is None or store.run_exists(run_id))
     if not distributed.from_rank0(usable):
         if state is not None and store is not None:
             log(f"discarding the checkpoint: its MLflow run {run_id} was deleted; training afresh")
@@ -49,17 +58,33 @@ def _train(params: Params, root: Path) -> dict:
     manifest = read_manifest(root / paths.PREPARED_DIR)
     meta = model_io.make_meta(params.train.arch, params.train.width, manifest)
     meta["params_hash"] = params.section_hash("seed", "data", "train")
-    code = codegraph.digest(codegraph.closure([distributed.STAGE]))
-    key = fingerprint(params.train, params.seed, meta, world_size, code)
+    key = fingerprint(params.train, params.seed, meta, world_size, _code())
     store = tracking.connect(params, root) if rank == 0 else None
     resume = _resumable(root, key, store)
     splits = load_split(root / paths.PREPARED_DIR, "train"), load_split(root / paths.PREPARED_DIR, "val")
     checkpoint = root / paths.TRAIN_CHECKPOINT
-    if rank != 0:  # other processes train their share; rank 0 alone logs and writes outputs
-        fit(params.train, params.seed, *splits, meta, checkpoint=checkpoint, resume=resume, run_key=key)
-        return {}
+    if rank != 0:  # the other processes train their share; rank 0 alone logs
+        run_id = distributed.from_rank0(None)
+        start = time.perf_counter()
+        result = fit(
+            params.train,
+            params.seed,
+            *splits,
+            meta,
+            checkpoint=checkpoint,
+            resume=resume,
+            extra_state={"run_id": run_id},
+            run_key=key,
+        )
+        if not distributed.writes_outputs():
+            return {}
+        report = _persist(root, result, meta, run_id, world_size, time.perf_counter() - start)
+        write_json(root / paths.TRAIN_REPORT, report)
+        log(f"node of rank {rank} trained its share of MLflow run {run_id}; its outputs are in this checkout")
+        return report
     run_id = resume["extra"]["run_id"] if resume else None
     with tracking.training_run(params, run_id, f"train-{manifest['data_version'][:8]}") as mlflow_run:
+        distributed.from_rank0(mlflow_run.info.run_id)
         run_params = {"seed": params.seed, "data.source": manifest["source"]}
         run_params.update({f"train.{k}": v for k, v in params.train})
         tracking.describe_training(run_params, root, manifest, meta, world_size, first=resume is None)

@@ -1,6 +1,7 @@
 """The train stage as DVC runs it (`tollgate train`, its own process): killed with SIGKILL mid-way and
-re-run, it must finish exactly like an uninterrupted run; under torchrun with two gloo processes it must
-train a model as good as one process does, logged once."""
+re-run, it must finish exactly like an uninterrupted run; under torchrun with two gloo processes, on one
+node or on two meeting at a c10d rendezvous, it must train a model as good as one process does, logged once,
+and the two layouts the same model."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import shutil
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ import torch
 from pipeline import model as model_io
 from pipeline import paths
 from pipeline.data import load_split
-from tests.support import make_project, model_client, run, set_param, tool_env
+from tests.support import free_port, make_project, model_client, run, set_param, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -176,21 +178,64 @@ def test_a_stage_killed_under_dvc_repro_leaves_its_last_reports_and_resumes(proj
         set_param(project, "train.epochs", 15)
 
 
-def test_two_gloo_processes_under_torchrun_train_as_well_as_one(project):
+def _node(checkout, args: list[str], env: dict) -> subprocess.Popen:
+    """`tollgate train` on one torchrun "node": a checkout of its own, one process."""
+    set_param(checkout, "train.torchrun_args", args)
+    return subprocess.Popen(
+        ["tollgate", "train"],
+        cwd=checkout,
+        env={**tool_env(checkout), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_torchrun_on_one_node_and_on_two_trains_the_same_model_logged_once(project):
     reference = project.parent / "reference"
     client = model_client(project)
     experiment = client.get_experiment_by_name("tollgate").experiment_id
     runs_before = len(client.search_runs([experiment]))
+    set_param(project, "train.threads", 1)  # the same arithmetic in every process of both layouts
     set_param(project, "train.nproc_per_node", 2)
     out = run(["tollgate", "train"], cwd=project)
     assert "torch.distributed.run --nproc-per-node=2" in out.stdout + out.stderr
     report = json.loads((project / paths.TRAIN_REPORT).read_text())
-    assert report["world_size"] == 2
+    assert report["world_size"] == 2 and np.isfinite(report["val_loss"])
     single = _test_accuracy(reference / "models", project)
     ddp = _test_accuracy(project / paths.MODEL_DIR, project)
     assert single > 0.95 and abs(ddp - single) <= 0.02
     runs = client.search_runs([experiment])
     assert len(runs) == runs_before + 1  # rank 0 alone logs
     assert runs[0].data.tags["tollgate.world_size"] == "2"
+    one_node = _weights(project / paths.MODEL_DIR)
+
+    # Two nodes on this machine, one process each, meeting at a c10d rendezvous; the second node is a
+    # checkout of its own sharing the registry, as on another machine.
     set_param(project, "train.nproc_per_node", 1)
-    assert np.isfinite(report["val_loss"])
+    other = project.parent / "node-b"
+    shutil.copytree(project, other, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    shared = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    args = ["--nnodes=2", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-conf=join_timeout=60"]
+    try:
+        nodes = [_node(checkout, args, shared) for checkout in (project, other)]
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+        assert [node.returncode for node in nodes] == [0, 0], outputs
+        assert all("--rdzv-backend=c10d --rdzv-id=tollgate-" in out for out in outputs)
+        runs = client.search_runs([experiment])
+        assert len(runs) == runs_before + 2  # one run for both nodes
+        assert runs[0].data.tags["tollgate.world_size"] == "2"
+        for checkout in (project, other):  # every node ends with the outputs, the same weights as above
+            node_report = json.loads((checkout / paths.TRAIN_REPORT).read_text())
+            assert node_report["world_size"] == 2 and node_report["run_id"] == runs[0].info.run_id
+            for name, tensor in _weights(checkout / paths.MODEL_DIR).items():
+                assert torch.equal(tensor, one_node[name]), name
+
+        lone = _node(other, [*args[:2], "--rdzv-conf=join_timeout=5"], shared)
+        start = time.monotonic()
+        out = lone.communicate(timeout=120)[0]
+        assert lone.returncode == 1 and time.monotonic() - start < 60, out
+        assert "not enough nodes joined the rendezvous at 127.0.0.1" in out and "on every node" in out
+    finally:
+        set_param(project, "train.torchrun_args", [])
+        set_param(project, "train.threads", 0)
