@@ -135,7 +135,7 @@ class RegistryConfig(_Section):
     experiment: str = Field("tollgate", min_length=1)
     guard: Literal["auto", "prefect", "postgres", "file"] = "auto"
     guard_timeout_s: float = Field(600.0, gt=0.0)
-    guard_lease_s: float = Field(60.0, gt=0.0)
+    guard_lease_s: float = Field(60.0, ge=60.0)  # Prefect's shortest lease
 
 
 class ServeConfig(_Section):

@@ -103,6 +103,9 @@ def server_environments(t: Topology) -> dict[str, dict[str, str]]:
             # A promotion guard whose holder died is reclaimed within 2 s of its lease running out
             # (Prefect's default check is every 15 s).
             "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
+            # A waiting promotion asks again at least this often (the default, up to 30 s, follows how
+            # long slots are held: fine for tasks, slow for a guard held a few seconds).
+            "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
         },
     }
 

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -287,6 +288,215 @@ def test_a_worker_in_an_empty_directory_runs_the_team_deployment_to_a_new_champi
         worker.terminate()
         worker.wait(timeout=60)
         log.close()
+
+
+# --- many machines at once: the promotion guard, fencing -----------------------------------------------
+
+
+def _until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.2)
+
+
+def _racer(checkout: Path, cmd: list[str], env: dict, lineup: Path) -> tuple[subprocess.Popen, Path]:
+    """`cmd` in `checkout`, pausing when it reaches the alias move with the guard held, until `lineup/go`
+    exists; its output goes to a log beside the line-up folder."""
+    lineup.mkdir(exist_ok=True)
+    log = lineup.parent / f"{lineup.name}-{checkout.name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=checkout,
+            env={
+                **tool_env(checkout),
+                **env,
+                "TOLLGATE_FAILPOINT": "promote:guarded:pause",
+                "TOLLGATE_FAILPOINT_DIR": str(lineup),
+            },
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, log
+
+
+def _paused(lineup: Path) -> list[int]:
+    return [int(p.name.removeprefix("paused-")) for p in lineup.glob("paused-*")]
+
+
+def _others(stack, a: Path, champion: str) -> list[str]:
+    """Two registered versions other than the champion, newest first (registering more when needed)."""
+    while len(_versions(stack)) < 3:
+        _candidate(a, _env(stack))
+        run(["tollgate", "register"], cwd=a, **_env(stack))
+    found = sorted((int(v["version"]) for v in _versions(stack)), reverse=True)
+    return [str(v) for v in found if str(v) != champion][:2]
+
+
+def _pulled(b: Path) -> None:
+    """Checkout B with the shared data, whichever tests ran before."""
+    for key, value in (("access_key_id", S3_KEY), ("secret_access_key", S3_SECRET)):
+        run(["dvc", "remote", "modify", "--local", "team", key, value], cwd=b)
+    run(["tollgate", "data", "pull"], cwd=b)
+
+
+def test_two_flows_from_two_checkouts_overlapping_at_the_alias_move_promote_in_turn(
+    stack, origin, clone_b, tmp_path
+):
+    """Both candidates were gated against the same champion; the guard lets one move the alias at a time,
+    and the one that moves second finds @champion moved, is fenced, and its flow evaluates it again."""
+    a, b = origin["a"], clone_b
+    _pulled(b)
+    before = _alias(stack, "champion")
+    lineup = tmp_path / "flows"
+    racers = {}
+    for checkout, epochs in ((a, 12), (b, 13)):  # a new candidate in each checkout
+        set_param(checkout, "train.epochs", epochs)
+        set_param(checkout, "gate.max_drop", 1.0)  # absolute bounds decide: both pass, also when re-gated
+        racers[checkout] = _racer(checkout, ["tollgate", "flow"], _env(stack), lineup)
+    try:
+        logs = [log for _, log in racers.values()]
+        _until(lambda: _paused(lineup), 600, "a promotion inside the guard")
+        _until(lambda: all("promotion guard: taking" in log.read_text() for log in logs), 600, "both guards")
+        time.sleep(3)  # the other one is waiting for the guard, not past it
+        assert len(_paused(lineup)) == 1
+        (lineup / "go").touch()
+        for proc, _ in racers.values():
+            proc.wait(timeout=600)
+    finally:
+        for checkout in (a, b):
+            set_param(checkout, "train.epochs", 14)
+            set_param(checkout, "gate.max_drop", 0.01)
+    promoted = {c: json.loads((c / paths.PROMOTION).read_text()) for c in (a, b)}
+    first = next(c for c in (a, b) if promoted[c].get("previous") == before and promoted[c]["promoted"])
+    second = b if first == a else a
+    won = promoted[first]["version"]
+    loser_log = racers[second][1].read_text()
+    assert f"champion moved from v{before} to v{won} since evaluation; re-run evaluate" in loser_log
+    assert "evaluating again against the new champion, once" in loser_log
+    gate = json.loads((second / paths.GATE_REPORT).read_text())
+    assert gate["champion_version"] == won  # re-gated against the new champion
+    assert promoted[second]["promoted"] and promoted[second]["previous"] == won
+    assert _alias(stack, "champion") == promoted[second]["version"] and _alias(stack, "previous") == won
+
+
+def _race(checkouts: list[Path], targets: list[str], env: dict, lineup: Path):
+    """Two rollbacks lined up at the alias move, then let go: (their outputs, the pids that were inside
+    the guard together, their pids)."""
+    racers = [
+        _racer(c, ["tollgate", "rollback", "--to", t], env, lineup)
+        for c, t in zip(checkouts, targets, strict=True)
+    ]
+    _until(lambda: all("promotion guard: taking" in log.read_text() for _, log in racers), 120, "both")
+    _until(lambda: _paused(lineup), 120, "a rollback inside the guard")
+    time.sleep(3)
+    inside = _paused(lineup)
+    (lineup / "go").touch()
+    for proc, _ in racers:
+        proc.wait(timeout=120)
+    return [log.read_text() for _, log in racers], inside, [proc.pid for proc, _ in racers]
+
+
+def test_the_guard_serialises_racing_rollbacks_and_without_it_an_update_is_lost(
+    stack, origin, clone_b, tmp_path
+):
+    a, b = origin["a"], clone_b
+    _pulled(b)
+    champion = _alias(stack, "champion")
+    x, y = _others(stack, a, champion)
+
+    # Negative control: each checkout's own lock file only. Both get inside, both read @champion before
+    # either moves it, and @previous ends on the version from before both, skipping the one in between.
+    for checkout in (a, b):
+        set_param(checkout, "registry.guard", "file")
+    try:
+        outs, inside, _ = _race([a, b], [x, y], _env(stack), tmp_path / "unguarded")
+    finally:
+        for checkout in (a, b):
+            set_param(checkout, "registry.guard", "auto")
+    assert len(inside) == 2 and all(f"(was v{champion})" in out for out in outs), outs
+    assert all("registry.guard is file but the registry" in out for out in outs)
+    assert _alias(stack, "champion") in (x, y) and _alias(stack, "previous") == champion  # the lost update
+
+    # With the guard (a Prefect global concurrency limit): one at a time, @previous always the version
+    # that was champion just before.
+    start = _alias(stack, "champion")
+    outs, inside, pids = _race([a, b], [champion, x if start == y else y], _env(stack), tmp_path / "g")
+    assert len(inside) == 1, outs
+    first = pids.index(inside[0])
+    targets = [champion, x if start == y else y]
+    assert _alias(stack, "champion") == targets[1 - first] and _alias(stack, "previous") == targets[first]
+    assert f"(was v{start})" in outs[first] and f"(was v{targets[first]})" in outs[1 - first]
+
+    # A shared registry with no shared guard: refused, saying what to configure.
+    no_prefect = {"MLFLOW_TRACKING_URI": stack.mlflow_url, "PREFECT_API_URL": ""}
+    proc = run(["tollgate", "rollback", "--to", x], cwd=a, check=False, **no_prefect)
+    assert proc.returncode == 1 and "nothing guards promotions across machines" in proc.stderr
+    assert "set PREFECT_API_URL" in proc.stderr and _alias(stack, "champion") == targets[1 - first]
+
+
+def test_a_killed_guard_holder_frees_the_guard_when_its_lease_runs_out(stack, origin, clone_b, tmp_path):
+    a, b = origin["a"], clone_b
+    _pulled(b)
+    champion = _alias(stack, "champion")
+    x, y = _others(stack, a, champion)
+    lease = load_params(a / paths.PARAMS).registry.guard_lease_s  # 60 s, Prefect's shortest
+    lineup = tmp_path / "lease"
+    holder, _ = _racer(a, ["tollgate", "rollback", "--to", x], _env(stack), lineup)
+    _until(lambda: _paused(lineup), 120, "the holder inside the guard")
+    waiter, log = _racer(b, ["tollgate", "rollback", "--to", y], _env(stack), tmp_path / "waiter")
+    _until(lambda: "promotion guard: taking" in log.read_text(), 120, "the waiter at the guard")
+    holder.kill()  # SIGKILL while holding the guard: the holder releases nothing
+    killed = time.monotonic()
+    holder.wait()
+    (tmp_path / "waiter" / "go").touch()
+    assert waiter.wait(timeout=lease + 60) == 0, log.read_text()
+    waited = time.monotonic() - killed
+    assert waited < lease + 15, waited  # the lease, Prefect's 2 s reclaim loop and retry (stack), margin
+    assert _alias(stack, "champion") == y and _alias(stack, "previous") == champion
+    assert not (a / paths.PROMOTION_INTENT).exists()  # killed before it moved anything
+
+
+def test_a_postgresql_registry_is_guarded_by_an_advisory_lock_a_killed_holder_frees_at_once(stack, origin):
+    a = origin["a"]
+    registry = stack.topology.database("mlflow", "psycopg2")
+    hold = (
+        "import sys, time\n"
+        "from pipeline import guard\n"
+        "from pipeline.config import load_params\n"
+        "with guard.held(load_params('params.yaml'), sys.argv[1]):\n"
+        "    print('HELD', flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    env = {**tool_env(a), "PREFECT_API_URL": ""}
+
+    def holder() -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", hold, registry],
+            cwd=a,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    first, second = holder(), None
+    try:
+        assert "PostgreSQL advisory lock" in first.stdout.readline()
+        assert "held after" in first.stdout.readline() and first.stdout.readline().strip() == "HELD"
+        second = holder()
+        second.stdout.readline()
+        assert "waiting for another promotion (PostgreSQL advisory lock)" in second.stdout.readline()
+        first.kill()
+        start = time.monotonic()
+        assert "held after" in second.stdout.readline()
+        assert time.monotonic() - start < 5  # the database dropped the dead session's lock
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
 
 
 def _kill(stack, service: str) -> None:
