@@ -206,10 +206,13 @@ def recover(store: Store, params: Params, root: Path) -> str | None:
     return done
 
 
-def move_champion(store: Store, params: Params, root: Path, version: str, gated_against=UNCHECKED) -> dict:
+def move_champion(
+    store: Store, params: Params, root: Path, version: str, gated_against=UNCHECKED, rollback: bool = False
+) -> dict:
     """Point @champion at `version` with the servers following and verified, or change nothing (see the
     module docstring for the sequence). Promotion and rollback both come through here; a promotion passes
-    `gated_against`, the champion version its gate compared with (None: there was none)."""
+    `gated_against`, the champion version its gate compared with (None: there was none); a rollback
+    marks the version it leaves, still under the guard."""
     from mlflow.exceptions import MlflowException
 
     name = params.registry.model_name
@@ -219,7 +222,10 @@ def move_champion(store: Store, params: Params, root: Path, version: str, gated_
         raise PromotionError(f"{name} has no version {version}: {err.message}") from None
     try:
         with guard.held(params, store.uri), lock(root, params):
-            return _move(store, params, root, version, gated_against)
+            result = _move(store, params, root, version, gated_against)
+            if rollback:
+                _mark_rolled_back(store, name, result["previous"], version)
+            return result
     except guard.GuardError as err:
         raise PromotionError(f"{err}; nothing moved") from None
 
@@ -299,18 +305,18 @@ def rollback(store: Store, params: Params, root: Path, to: str | None = None) ->
         if ref is None:
             raise PromotionError(f"{name} has no @previous version to roll back to; name one with --to")
         to = ref.version
+    return move_champion(store, params, root, str(to), rollback=True)
+
+
+def _mark_rolled_back(store: Store, name: str, left: str | None, to: str) -> None:
     from mlflow.exceptions import MlflowException
 
-    to = str(to)
-    result = move_champion(store, params, root, to)
-    left = result["previous"]
     if left is not None and left != to:
         store.client.set_model_version_tag(
             name, left, ROLLED_BACK, f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} to v{to}"
         )
     with contextlib.suppress(MlflowException):  # chosen on purpose now: no longer "rolled back"
         store.client.delete_model_version_tag(name, to, ROLLED_BACK)
-    return result
 
 
 def promote(store: Store, params: Params, root: Path, version: str, gated_against=UNCHECKED) -> dict:

@@ -17,6 +17,18 @@ os.environ.update(tool_env())
 os.umask(0o022)
 
 
+# Modules that share the session's two-version project: one worker builds it once for all of them.
+TWO_VERSIONS = {"test_serve", "test_promotion", "test_replicas"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Under pytest-xdist (`--dist loadgroup`), a module's tests stay on one worker: their module-scoped
+    fixtures (a project, a server, the team stack) are built once."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        item.add_marker(pytest.mark.xdist_group("two_versions" if module in TWO_VERSIONS else module))
+
+
 @pytest.fixture(scope="session")
 def prepared_digits(tmp_path_factory) -> Path:
     """The default dataset prepared once, for tests of the steps that read it."""
