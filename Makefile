@@ -15,7 +15,7 @@ export GX_ANALYTICS_ENABLED := false
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,team]"  # one resolution: see pyproject.toml's team extra
+	$(BIN)/python -m pip install -q -e ".[dev,team,torchserve]"  # one resolution: see pyproject.toml's team extra
 	touch $@
 
 run: $(VENV)/.installed

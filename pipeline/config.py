@@ -139,7 +139,7 @@ class RegistryConfig(_Section):
 
 
 class ServeConfig(_Section):
-    target: Literal["local", "mlflow", "kserve"] = "local"
+    target: Literal["local", "mlflow", "kserve", "torchserve"] = "local"
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=1, le=65535)
     max_batch_size: int = Field(64, ge=1)
@@ -155,6 +155,17 @@ class ServeConfig(_Section):
     timeout_s: float = Field(30.0, gt=0.0)
     follow_interval_s: float = Field(30.0, ge=0.0)
     replicas: list[str] = Field(default_factory=list)
+
+
+class TorchServeConfig(_Section):
+    folder: str = "deploy/torchserve"
+    inference_port: int = Field(8080, ge=1, le=65535)
+    management_port: int = Field(8081, ge=1, le=65535)
+    metrics_port: int = Field(8082, ge=1, le=65535)
+    workers: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_batch_delay_ms: int = Field(2, ge=0)
+    token_auth: bool = True
 
 
 # The pipeline's stages in order: dvc.yaml declares them, `tollgate <stage>` runs one, the flow runs them all.
@@ -200,6 +211,7 @@ class Params(_Section):
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
+    torchserve: TorchServeConfig = TorchServeConfig()
     flow: FlowConfig = FlowConfig()
     mlflow: MlflowConfig = MlflowConfig()
     stack: StackConfig = StackConfig()

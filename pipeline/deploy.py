@@ -1,6 +1,7 @@
-"""Serving targets beside tollgate's own server: MLflow's scoring server and KServe on a cluster.
+"""Serving targets beside tollgate's own server: MLflow's scoring server, KServe on a cluster, TorchServe.
 
-Both serve the registered MLflow model as is; tollgate only says how (a command, a manifest)."""
+MLflow and KServe serve the registered MLflow model as is; tollgate only says how (a command, a manifest).
+TorchServe gets an archive of its own, registered and verified when one runs (pipeline/torchserve.py)."""
 
 from __future__ import annotations
 
@@ -93,9 +94,22 @@ def apply(root: Path, planned: dict) -> dict:
     return planned
 
 
+def torchserve(store: Store, params: Params, root: Path, version: str) -> dict:
+    """Build `version`'s archive and configuration; with a TorchServe running, register the version,
+    check it predicts like the registry's copy, and make it the default."""
+    from pipeline import promote
+    from pipeline import torchserve as ts
+
+    smoke_x, expected = promote.smoke_check(store, params, root, version)
+    client, _ = ts.stage_version(store, params, root, version, smoke_x, expected)
+    return {"target": "torchserve", "summary": ts.make_default(client, params, root, version)}
+
+
 def deploy(store: Store, params: Params, root: Path, target: str) -> dict:
     """Hand the current @champion to `target`."""
     ref = store.version(params.registry.model_name, CHAMPION)
     if ref is None:
         raise LookupError(f"{params.registry.model_name} has no @champion to deploy")
+    if target == "torchserve":
+        return torchserve(store, params, root, ref.version)
     return apply(root, plan(store, params, target, ref.version))

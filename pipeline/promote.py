@@ -305,6 +305,8 @@ def rollback(store: Store, params: Params, root: Path, to: str | None = None) ->
         if ref is None:
             raise PromotionError(f"{name} has no @previous version to roll back to; name one with --to")
         to = ref.version
+    if params.serve.target == "torchserve":
+        return _move_with_torchserve(store, params, root, str(to), UNCHECKED, rollback=True)
     return move_champion(store, params, root, str(to), rollback=True)
 
 
@@ -333,6 +335,8 @@ def promote(store: Store, params: Params, root: Path, version: str, gated_agains
             "reason": f"v{version} was rolled back ({mark}); not promoted again by the pipeline. "
             f"To make it champion on purpose: tollgate rollback --to {version}",
         }
+    if params.serve.target == "torchserve":
+        return _move_with_torchserve(store, params, root, version, gated_against)
     planned = None
     if params.serve.target != "local":
         from pipeline import deploy
@@ -346,4 +350,32 @@ def promote(store: Store, params: Params, root: Path, version: str, gated_agains
     if planned is not None:
         result["deploy"] = deploy.apply(root, planned)
         result["summary"] += "; " + result["deploy"]["summary"]
+    return result
+
+
+def _move_with_torchserve(
+    store: Store, params: Params, root: Path, version: str, gated_against, rollback: bool = False
+) -> dict:
+    """TorchServe takes the version first (archive built, registered beside the serving one, checked
+    against the registry's model); then @champion moves, then TorchServe's default does. Whatever fails
+    before the alias moved leaves TorchServe serving what it served."""
+    from pipeline import torchserve
+
+    smoke_x, expected = smoke_check(store, params, root, version)
+    try:
+        client, fresh = torchserve.stage_version(store, params, root, version, smoke_x, expected)
+    except torchserve.TorchServeError as err:
+        raise PromotionError(f"TorchServe cannot take v{version}: {err}; nothing moved") from None
+    try:
+        result = move_champion(store, params, root, version, gated_against, rollback)
+    except PromotionError:
+        if fresh:  # the alias did not move: TorchServe forgets the version it was shown
+            with contextlib.suppress(torchserve.TorchServeError):
+                client.unregister(version)
+        raise
+    result["deploy"] = {
+        "target": "torchserve",
+        "summary": torchserve.make_default(client, params, root, version),
+    }
+    result["summary"] += "; " + result["deploy"]["summary"]
     return result

@@ -18,9 +18,10 @@ os.umask(0o022)
 
 
 # Modules that share the session's two-version project: one worker builds it once for all of them.
-TWO_VERSIONS = {"test_serve", "test_promotion", "test_replicas"}
+TWO_VERSIONS = {"test_serve", "test_promotion", "test_replicas", "test_torchserve"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the node ids
 def pytest_collection_modifyitems(items) -> None:
     """Under pytest-xdist (`--dist loadgroup`), a module's tests stay on one worker: their module-scoped
     fixtures (a project, a server, the team stack) are built once."""
