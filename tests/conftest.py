@@ -12,6 +12,7 @@ from tests.support import ROOT, make_project, run, tool_env, two_version_project
 
 # Stage commands (`tollgate <stage>`) run as subprocesses of DVC, also when the flow calls DVC in-process.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("MLFLOW_REGISTRY_URI", None)
 os.environ.update(tool_env())
 # The usual umask, whatever the CI shell has: tests check that outputs are readable by other users.
 os.umask(0o022)

@@ -28,7 +28,9 @@ def tool_env(project: Path | None = None) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "GX_ANALYTICS_ENABLED": "false",
     }
+    # mlflow.set_tracking_uri/set_registry_uri (in-process tests) export both: never hand them down
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_REGISTRY_URI", None)
     if project is not None and (project / "pipeline").is_dir():
         env["PYTHONPATH"] = str(project)
     return env
