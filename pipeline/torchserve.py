@@ -28,9 +28,9 @@ import numpy as np
 from pipeline import failpoints
 from pipeline.config import Params
 from pipeline.files import write_json, write_text
+from pipeline.model import META, WEIGHTS
+from pipeline.serving import torchserve_handler
 from pipeline.tracking import Store, model_uri
-
-HANDLER = "pipeline.serving.torchserve_handler"  # the handler module the archive carries
 
 
 class TorchServeError(RuntimeError):
@@ -50,7 +50,7 @@ def build_archive(store: Store, params: Params, root: Path, version: str) -> Pat
     from pipeline import codegraph
 
     name = params.registry.model_name
-    handler = codegraph.module_file(HANDLER)
+    handler = Path(torchserve_handler.__file__)  # the module the archive carries as its handler
     store_dir = folder(params, root) / "model-store"
     store_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,8 +65,8 @@ def build_archive(store: Store, params: Params, root: Path, version: str) -> Pat
             "max_request_images": params.serve.max_request_images,
             "max_image_pixels": params.serve.max_image_pixels,
         }
-        write_json(tmp / "tollgate.json", settings)
-        extra = [model_dir / "model.pt", model_dir / "model.json", tmp / "tollgate.json", package]
+        write_json(tmp / torchserve_handler.SETTINGS, settings)
+        extra = [model_dir / WEIGHTS, model_dir / META, tmp / torchserve_handler.SETTINGS, package]
         cmd = [
             str(Path(sys.executable).with_name("torch-model-archiver")),
             "--model-name",

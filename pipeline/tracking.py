@@ -131,6 +131,11 @@ class Store:
             return False
 
 
+def local_store(uri: str) -> bool:
+    """A store on this machine's disk (SQLite or files), not a server or a shared database."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
 def connect(params: Params, root: Path) -> Store:
     """Point mlflow at the project's store, make its experiment the active one, and return the Store."""
     import mlflow
@@ -155,7 +160,7 @@ def connect(params: Params, root: Path) -> Store:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         location = None
-        if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        if local_store(uri):
             # Local stores: keep artifacts in the project beside the database, not in whatever cwd is.
             location = (root / params.mlflow.artifact_root).resolve().as_uri()
         # Another stage process may create it between our lookup and create: either way it exists after.

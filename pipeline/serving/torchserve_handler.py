@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+SETTINGS = "tollgate.json"  # the served version and request limits, written by pipeline/torchserve.py
+
 
 class TollgateHandler:
     def __init__(self):
@@ -23,7 +25,7 @@ class TollgateHandler:
         from pipeline.model import load
 
         self.model, self.meta = load(model_dir)
-        with open(os.path.join(model_dir, "tollgate.json")) as f:
+        with open(os.path.join(model_dir, SETTINGS)) as f:
             self.settings = json.load(f)
         self.initialized = True
 

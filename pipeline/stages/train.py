@@ -63,19 +63,24 @@ def _train(params: Params, root: Path) -> dict:
     resume = _resumable(root, key, store)
     splits = load_split(root / paths.PREPARED_DIR, "train"), load_split(root / paths.PREPARED_DIR, "val")
     checkpoint = root / paths.TRAIN_CHECKPOINT
-    if rank != 0:  # the other processes train their share; rank 0 alone logs
-        run_id = distributed.from_rank0(None)
-        start = time.perf_counter()
-        result = fit(
+
+    def train_into(run_id: str | None, on_epoch=None):
+        return fit(
             params.train,
             params.seed,
             *splits,
             meta,
+            on_epoch,
             checkpoint=checkpoint,
             resume=resume,
             extra_state={"run_id": run_id},
             run_key=key,
         )
+
+    if rank != 0:  # the other processes train their share; rank 0 alone logs
+        run_id = distributed.from_rank0(None)
+        start = time.perf_counter()
+        result = train_into(run_id)
         if not distributed.writes_outputs():
             return {}
         report = _persist(root, result, meta, run_id, world_size, time.perf_counter() - start)
@@ -92,17 +97,7 @@ def _train(params: Params, root: Path) -> dict:
             log(f"resuming from the checkpoint after epoch {resume['epoch']} (MLflow run {run_id})")
         start = time.perf_counter()
         with work():
-            result = fit(
-                params.train,
-                params.seed,
-                *splits,
-                meta,
-                _epoch_logger(params.train.epochs),
-                checkpoint=checkpoint,
-                resume=resume,
-                extra_state={"run_id": mlflow_run.info.run_id},
-                run_key=key,
-            )
+            result = train_into(mlflow_run.info.run_id, _epoch_logger(params.train.epochs))
         report = _persist(root, result, meta, mlflow_run.info.run_id, world_size, time.perf_counter() - start)
         tracking.finish_training(root / paths.TRAIN_HISTORY, result.device, result.best_epoch)
     write_json(root / paths.TRAIN_REPORT, report)
