@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("deploy", help="hand @champion to a serving target (default: serve.target)")
     d.add_argument("--target", choices=["local", "mlflow", "kserve", "torchserve"])
     sub.add_parser("summary", help="one screen on the last pipeline run")
+    sub.add_parser("monitor", help="drift of the newest live samples against the served version's reference")
+    sub.add_parser("shadow", help="how the @challenger in shadow did beside the champion on live traffic")
     sm = sub.add_parser("samples", help="write test-split images as PNG files to send to the server")
     sm.add_argument("--out", default="samples")
     sm.add_argument("-n", type=int, default=5)
@@ -71,6 +73,15 @@ def _dispatch(args, params, root: Path) -> int:
         from pipeline.summary import render
 
         print(render(params, root))
+    elif args.command in ("monitor", "shadow"):
+        import json
+
+        from pipeline import monitor
+
+        if args.command == "monitor":
+            print(monitor.summary(monitor.run(params, root)))
+        else:
+            print(json.dumps(monitor.shadow(params, root), indent=2))
     elif args.command == "samples":
         from pipeline.summary import write_samples
 

@@ -28,6 +28,9 @@ class DataConfig(_Section):
     channels: Literal[0, 1, 3] = 0
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    feedback: str = "data/feedback"
+    use_feedback: bool = False
+    feedback_holdout: float = Field(0.3, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _folders_need_a_size(self) -> DataConfig:
@@ -92,6 +95,8 @@ class TrainConfig(_Section):
     nproc_per_node: int = Field(1, ge=1)
     torchrun_args: list[str] = Field(default_factory=list)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    reference_samples: int = Field(2000, ge=10)
+    reference_components: int = Field(8, ge=1)
 
 
 class EvaluateConfig(_Section):
@@ -113,6 +118,7 @@ GateCheck = Literal[
     "max_model_mb",
     "min_shift_stability",
     "max_drop",
+    "max_feedback_drop",
 ]
 
 
@@ -127,6 +133,7 @@ class GateConfig(_Section):
     max_drop: float = Field(0.01, ge=0.0, le=1.0)
     drop_mode: Literal["absolute", "relative"] = "absolute"
     compare_metrics: list[Metric] = Field(default_factory=lambda: ["accuracy", "macro_f1"], min_length=1)
+    max_feedback_drop: float = Field(0.0, ge=0.0, le=1.0)
     warn_only: list[GateCheck] = Field(default_factory=list)
 
 
@@ -155,6 +162,10 @@ class ServeConfig(_Section):
     timeout_s: float = Field(30.0, gt=0.0)
     follow_interval_s: float = Field(30.0, ge=0.0)
     replicas: list[str] = Field(default_factory=list)
+    shadow: bool = False
+    shadow_queue: int = Field(256, ge=1)
+    shadow_min_requests: int = Field(0, ge=0)
+    shadow_max_disagreement: float = Field(1.0, ge=0.0, le=1.0)
 
 
 class TorchServeConfig(_Section):
@@ -166,6 +177,25 @@ class TorchServeConfig(_Section):
     batch_size: int = Field(16, ge=1)
     max_batch_delay_ms: int = Field(2, ge=0)
     token_auth: bool = True
+
+
+class MonitorConfig(_Section):
+    sample_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    folder: str = "data/live"
+    queue_size: int = Field(4096, ge=1)
+    shard_samples: int = Field(1024, ge=1)
+    flush_s: float = Field(5.0, gt=0.0)
+    max_mb: float = Field(1024.0, gt=0.0)
+    retention_h: float = Field(168.0, gt=0.0)
+    window: int = Field(500, ge=10)
+    min_samples: int = Field(200, ge=10)
+    p_value: float = Field(0.01, gt=0.0, lt=1.0)
+    max_prediction_shift: float = Field(0.1, gt=0.0, le=1.0)
+    max_confidence_drop: float = Field(0.05, gt=0.0, le=1.0)
+    max_input_shift: float = Field(0.2, gt=0.0, le=1.0)
+    max_embedding_shift: float = Field(0.2, gt=0.0, le=1.0)
+    metrics_every: int = Field(100, ge=1)
+    retrain_deployment: str = "training-pipeline/retrain-on-drift"
 
 
 # The pipeline's stages in order: dvc.yaml declares them, `tollgate <stage>` runs one, the flow runs them all.
@@ -212,6 +242,7 @@ class Params(_Section):
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
     torchserve: TorchServeConfig = TorchServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
     flow: FlowConfig = FlowConfig()
     mlflow: MlflowConfig = MlflowConfig()
     stack: StackConfig = StackConfig()

@@ -16,9 +16,12 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.files import atomic_dir, file_sha256, load_json, write_json
-from pipeline.sources import FILE_COLUMNS, load_raw
+from pipeline.sources import FILE_COLUMNS, load_raw, with_feedback
 
 SPLITS = ("train", "val", "test")
+# Labelled live inputs held out from training (data.use_feedback): the newest of each class, which evaluate
+# scores next to the frozen test split. Present only when feedback was used.
+FEEDBACK = "feedback"
 MANIFEST = "manifest.json"
 FILES = "files.csv"  # imagefolder only: every file found, its checksum, and where it went
 
@@ -69,11 +72,16 @@ def image_hashes(x: np.ndarray) -> list[str]:
     return [hashlib.blake2b(img.tobytes(), digest_size=16).hexdigest() for img in x]
 
 
-def content_hash(prepared: Path, classes: list[str]) -> str:
+def splits_of(manifest: dict) -> tuple[str, ...]:
+    """The splits a prepared folder holds: the three, and the feedback slice when prepare used feedback."""
+    return (*SPLITS, FEEDBACK) if FEEDBACK in manifest["counts"] else SPLITS
+
+
+def content_hash(prepared: Path, classes: list[str], splits: tuple[str, ...] = SPLITS) -> str:
     """The data version: a digest of every array and the class list, in a fixed order. Arrays are read
     through memory maps, so hashing a large dataset does not load it."""
     h = hashlib.sha256()
-    for name in SPLITS:
+    for name in splits:
         for arr in (np.load(prepared / f"{name}_x.npy", mmap_mode="r"), np.load(prepared / f"{name}_y.npy")):
             h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
             h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
@@ -94,16 +102,17 @@ def assign_splits(
         0.0 if (fixed == "test").any() else cfg.test_fraction,
         seed,
     )
-    where = np.empty(len(pool), dtype="<U5")
+    where = np.empty(len(pool), dtype="<U8")
     for name, i in cut.items():
         where[i] = name
     if keys is not None:
         first: dict[str, str] = {}
         for i, row in enumerate(pool):
             where[i] = first.setdefault(keys[row], where[i])
-    split_of = fixed.astype("<U5")
+    split_of = fixed.astype("<U8")
     split_of[pool] = where
-    return {s: np.flatnonzero(split_of == s) for s in SPLITS}
+    named = SPLITS + ((FEEDBACK,) if (fixed == FEEDBACK).any() else ())
+    return {s: np.flatnonzero(split_of == s) for s in named}
 
 
 def _save_rows(path: Path, x: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> None:
@@ -130,12 +139,21 @@ def _write_files_table(path: Path, files: list[dict], where: dict[int, tuple[str
             writer.writerow({**row, "split": split, "index": index})
 
 
-def prepare(cfg: DataConfig, seed: int, out_dir: str | Path, data_root: str | Path | None = None) -> dict:
-    """Load `cfg.source` (files under `data_root`, default `cfg.root`), split it, and write the arrays,
-    the file table and the manifest into `out_dir` in one atomic step."""
+def prepare(
+    cfg: DataConfig,
+    seed: int,
+    out_dir: str | Path,
+    data_root: str | Path | None = None,
+    feedback_root: str | Path | None = None,
+) -> dict:
+    """Load `cfg.source` (files under `data_root`, default `cfg.root`), with `data.use_feedback` the
+    feedback images under `feedback_root` (default `cfg.feedback`), split it, and write the arrays, the file
+    table and the manifest into `out_dir` in one atomic step."""
     with atomic_dir(out_dir) as tmp:
         scratch = Path(tempfile.mkdtemp(dir=tmp))
         raw = load_raw(cfg, Path(data_root or cfg.root), scratch)
+        if cfg.use_feedback:
+            raw = with_feedback(raw, cfg, Path(feedback_root or cfg.feedback), scratch)
         idx = assign_splits(raw.y, raw.fixed, cfg, seed, image_hashes(raw.x))
         for name, i in idx.items():
             _save_rows(tmp / f"{name}_x.npy", raw.x, i)
@@ -160,7 +178,7 @@ def prepare(cfg: DataConfig, seed: int, out_dir: str | Path, data_root: str | Pa
             where = {int(row): (s, pos) for s, i in idx.items() for pos, row in enumerate(i)}
             _write_files_table(tmp / FILES, files, where)
             manifest["files"] = {"table": FILES, "sha256": file_sha256(tmp / FILES), "count": len(files)}
-        manifest["data_version"] = content_hash(tmp, manifest["classes"])
+        manifest["data_version"] = content_hash(tmp, manifest["classes"], splits_of(manifest))
         write_json(tmp / MANIFEST, manifest)
     return manifest
 

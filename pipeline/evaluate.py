@@ -156,10 +156,13 @@ class Check:
         }
 
 
-def champion_scores(store: Store, name: str, test: Dataset, cfg: EvaluateConfig) -> dict | None:
-    """The current @champion, loaded from the registry and scored now on this test split, as the gate takes
-    it: {"version", "classes", "metrics"} (metrics None when it cannot be scored on this data, with
-    "error" when it cannot even be loaded), or None when there is no champion."""
+def champion_scores(
+    store: Store, name: str, test: Dataset, cfg: EvaluateConfig, feedback: Dataset | None = None
+) -> dict | None:
+    """The current @champion, loaded from the registry and scored now on this test split (and on the
+    feedback slice, as `feedback_accuracy`), as the gate takes it: {"version", "classes", "metrics"}
+    (metrics None when it cannot be scored on this data, with "error" when it cannot even be loaded), or
+    None when there is no champion."""
     from pipeline.model import predict_proba
     from pipeline.tracking import CHAMPION
 
@@ -179,7 +182,30 @@ def champion_scores(store: Store, name: str, test: Dataset, cfg: EvaluateConfig)
     if meta["classes"] == test.classes and list(meta["input_shape"]) == list(test.x.shape[1:]):
         probs = predict_proba(model, test.x).numpy()
         champion["metrics"] = quality_metrics(probs, test.y, test.classes, cfg)
+        if feedback is not None:
+            pred = predict_proba(model, feedback.x).numpy().argmax(axis=1)
+            champion["metrics"]["feedback_accuracy"] = float((pred == feedback.y).mean())
     return champion
+
+
+def feedback_check(candidate: dict, champion: dict | None, cfg: GateConfig, action: str) -> Check:
+    """The recent-feedback slice: the candidate may trail the champion there by `gate.max_feedback_drop`
+    (what users labelled lately is what the frozen test set may not show)."""
+    value, n = candidate["feedback_accuracy"], candidate["feedback_images"]
+    theirs = ((champion or {}).get("metrics") or {}).get("feedback_accuracy")
+    if theirs is None:
+        return Check("feedback slice accuracy", "max_feedback_drop", value, None, True, action,
+                     f"{n} recent feedback images; no champion scored on them")  # fmt: skip
+    floor = round(theirs - cfg.max_feedback_drop, 6)
+    return Check(
+        f"feedback slice accuracy vs champion v{champion['version']}",
+        "max_feedback_drop",
+        value,
+        floor,
+        value >= floor,
+        action,
+        f"{n} recent feedback images; champion {theirs:.4f}, allowed drop {cfg.max_feedback_drop}",
+    )
 
 
 def gate(candidate: dict, classes: list[str], cfg: GateConfig, champion: dict | None) -> dict:
@@ -278,6 +304,8 @@ def gate(candidate: dict, classes: list[str], cfg: GateConfig, champion: dict | 
                     f"champion re-scored now: {best:.4f}, allowed {cfg.drop_mode} drop {cfg.max_drop}",
                 )
             )
+    if "feedback_accuracy" in candidate:
+        checks.append(feedback_check(candidate, champion, cfg, action("max_feedback_drop")))
     blocking = [c for c in checks if not c.passed and c.action == "block"]
     return {
         "passed": not blocking,

@@ -6,7 +6,8 @@ stops itself (SIGSTOP) instead, for the test to break something around it (a ser
 on with SIGCONT. With <name>:pause it writes `paused-<pid>` into the folder TOLLGATE_FAILPOINT_DIR and
 waits, threads still running, until a file `go` appears there: a test can line several processes up at
 one point, or kill one while it holds something. With <name>:raise the point raises FailpointError, as an
-error at that point would. Unset (always, outside tests), a point costs one dictionary lookup.
+error at that point would; with <name>:sleep=<seconds> it sleeps that long, as a slow dependency would.
+Unset (always, outside tests), a point costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def reach(name: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     elif wanted == f"{name}:raise":
         raise FailpointError(f"failpoint {name}")
+    elif wanted.startswith(f"{name}:sleep="):
+        time.sleep(float(wanted.partition("=")[2]))
     elif wanted == f"{name}:pause":
         folder = Path(os.environ["TOLLGATE_FAILPOINT_DIR"])
         (folder / f"paused-{os.getpid()}").touch()

@@ -125,3 +125,19 @@ def predict_proba(model: Classifier, pixels, batch_size: int = 1024) -> torch.Te
             for i in range(0, len(x), batch_size)
         ]
     )
+
+
+@torch.inference_mode()
+def predict_with_embeddings(
+    model: Classifier, pixels, batch_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities and the penultimate layer's output (what the last linear layer reads), in one
+    pass: drift monitoring compares these embeddings with the ones saved at training."""
+    head = [m for m in model.net.modules() if isinstance(m, nn.Linear)][-1]
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].float().cpu()))
+    try:
+        probs = predict_proba(model, pixels, batch_size)
+    finally:
+        handle.remove()
+    return probs, torch.cat(seen)

@@ -224,3 +224,46 @@ def load_raw(cfg: DataConfig, root: Path, scratch: Path) -> Raw:
     if cfg.source == "imagefolder":
         return load_imagefolder(cfg, root, scratch)
     return load_torchvision(cfg, root)
+
+
+def with_feedback(raw: Raw, cfg: DataConfig, folder: Path, scratch: Path) -> Raw:
+    """`raw` plus the labelled live inputs under `folder` (ImageFolder layout, written by POST /feedback),
+    converted to the data's image shape. The newest `data.feedback_holdout` of each class (file names start
+    with the time of the request) are pinned to the feedback slice, the rest to train; the frozen splits
+    do not move. Their file rows join the table, so validation judges feedback like any other file."""
+    h, w, c = raw.x.shape[1:]
+    if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
+        return raw
+    as_folder = DataConfig(source="imagefolder", image_size=[h, w], channels=c)
+    (scratch / "feedback").mkdir()
+    fb = load_imagefolder(as_folder, folder, scratch / "feedback")
+    unknown = sorted(set(fb.classes) - set(raw.classes))
+    if unknown:
+        raise SourceError(
+            f"feedback in {folder} names classes the data does not have: {', '.join(unknown)} "
+            f"(classes: {', '.join(raw.classes)})"
+        )
+    y = np.array([raw.classes.index(fb.classes[k]) for k in fb.y], dtype=np.int64)
+    used = [r for r in fb.files if r["index"] >= 0]
+    fixed = np.full(len(y), "train", dtype="<U8")
+    for label in np.unique(y):
+        rows = sorted(np.flatnonzero(y == label), key=lambda i: Path(used[i]["path"]).name)
+        fixed[rows[len(rows) - int(round(len(rows) * cfg.feedback_holdout)) :]] = "feedback"
+    offset = len(raw.x)
+    files = list(raw.files)
+    for row in fb.files:
+        files.append(
+            {
+                **row,
+                "path": f"{cfg.feedback.rstrip('/')}/{row['path']}",
+                "index": row["index"] + offset if row["index"] >= 0 else -1,
+            }
+        )
+    return Raw(
+        np.concatenate([raw.x, fb.x]),
+        np.concatenate([raw.y, y]),
+        raw.classes,
+        np.concatenate([raw.fixed.astype("<U8"), fixed]),
+        files,
+        raw.converted_channels,
+    )

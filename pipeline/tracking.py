@@ -111,15 +111,19 @@ class Store:
         pyfunc = yaml.safe_load(Path(fetch("MLmodel")).read_text())["flavors"]["python_function"]
         return Path(fetch(pyfunc["artifacts"][MLFLOW_ARTIFACT]["path"]))
 
-    def load_model(self, uri: str, device: str = "cpu"):
-        """(model, meta) of an MLflow-format model, rebuilt from its weights and metadata exactly as the
-        serving target loads it; the downloaded files are removed once loaded."""
+    def read_model_dir(self, uri: str, read):
+        """`read(folder)` on the downloaded model folder of an MLflow-format model, which is removed after."""
         import tempfile
 
+        with tempfile.TemporaryDirectory() as tmp:
+            return read(self.download_model_dir(uri, Path(tmp)))
+
+    def load_model(self, uri: str, device: str = "cpu"):
+        """(model, meta) of an MLflow-format model, rebuilt from its weights and metadata exactly as the
+        serving target loads it."""
         from pipeline.model import load
 
-        with tempfile.TemporaryDirectory() as tmp:
-            return load(self.download_model_dir(uri, Path(tmp)), device)
+        return self.read_model_dir(uri, lambda folder: load(folder, device))
 
     def run_exists(self, run_id: str) -> bool:
         """True for a run that exists and was not deleted (a checkpoint may outlive its run)."""
@@ -272,6 +276,33 @@ def log_evaluation(
         for path in files:
             mlflow.log_artifact(str(path), "evaluation")
         mlflow.set_tag("tollgate.gate", gate)
+
+
+def log_monitoring(store: Store, name: str, report: dict, files: list[Path]) -> str:
+    """A monitoring run in the project's experiment, tagged with the model version it judged (the version
+    gets the verdict and the run id as tags too, so the registry page shows the last check)."""
+    verdict = "drift" if report["drift"] else "ok"
+    run = store.client.create_run(
+        store.experiment_id,
+        run_name=f"monitor-v{report['version']}",
+        tags={
+            "tollgate.kind": "monitoring",
+            "tollgate.model_version": report["version"],
+            "tollgate.drift": verdict,
+        },
+    )
+    run_id = run.info.run_id
+    store.client.log_param(run_id, "samples", report["samples"])
+    for check, result in report["checks"].items():
+        store.client.log_metric(run_id, f"drift_{check}_effect", result["effect"])
+        store.client.log_metric(run_id, f"drift_{check}_p_value", result["p_value"])
+        store.client.log_metric(run_id, f"drift_{check}", float(result["drift"]))
+    for path in files:
+        store.client.log_artifact(run_id, str(path), "monitoring")
+    store.client.set_terminated(run_id)
+    store.client.set_model_version_tag(name, report["version"], "monitor.drift", verdict)
+    store.client.set_model_version_tag(name, report["version"], "monitor.run_id", run_id)
+    return run_id
 
 
 def git_state(root: Path) -> tuple[str, bool]:

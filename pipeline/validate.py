@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ValidateConfig
-from pipeline.data import FILES, SPLITS, image_hashes, load_split, read_manifest
+from pipeline.data import FILES, SPLITS, image_hashes, load_split, read_manifest, splits_of
 
 DOCS_INDEX = "index.html"
 
@@ -111,7 +111,7 @@ def _image_checks(gx, split: str, cfg: ValidateConfig, shape: list[int], n_class
                 column="duplicate", value_set=[False], mostly=1.0 - cfg.max_duplicate_fraction),
     ]  # fmt: skip
     if split != "train":
-        earlier = "train" if split == "val" else "train or val"
+        earlier = {"val": "train", "test": "train or val"}.get(split, "train, val or test")
         checks.append(
             _expect(gx, E, "leakage", f"no images shared with {earlier}", column="leaked", value_set=[False])
         )
@@ -194,13 +194,13 @@ def _tables(prepared: Path, manifest: dict) -> tuple[list[tuple[str, object, str
     tables, counts, seen = [], {}, set()
     if files is not None:
         tables.append(("files", files, "files"))
-    for split in SPLITS:
+    for split in splits_of(manifest):
         part = load_split(prepared, split)
-        if files is not None:
-            used = files[(files["split"] == split) & (files["index"] >= 0)].sort_values("index")
-            names = used["path"].tolist()
-        else:
-            names = [f"{split}[{i}]" for i in range(len(part.x))]
+        names = [f"{split}[{i}]" for i in range(len(part.x))]
+        if files is not None:  # files name their images; other images (feedback beside digits) keep split[i]
+            used = files[(files["split"] == split) & (files["index"] >= 0)]
+            for index, path in zip(used["index"], used["path"], strict=True):
+                names[int(index)] = path
         frame = image_table(part.x, part.y, names)
         # A column, not a value set: GX copies an expectation's arguments many times, and a set of every
         # training image's hash made that dominate the run (minutes on MNIST).
@@ -210,7 +210,8 @@ def _tables(prepared: Path, manifest: dict) -> tuple[list[tuple[str, object, str
         tables.append((split, frame, "images"))
         valid = part.y[(part.y >= 0) & (part.y < len(classes))]
         counts[split] = np.bincount(valid, minlength=len(classes)).tolist()
-    tables.append(("all splits", count_table(counts, classes), "counts"))
+    # The feedback slice holds what users labelled: not every class need be in it.
+    tables.append(("all splits", count_table({s: counts[s] for s in SPLITS}, classes), "counts"))
     tables.append(("classes", class_table(counts, classes), "classes"))
     return tables, counts
 
@@ -282,7 +283,7 @@ def run_suite(prepared_dir: str | Path, cfg: ValidateConfig, docs_dir: str | Pat
     return {
         "passed": not any(c["blocking"] for c in failed),
         "data_version": manifest["data_version"],
-        "counts": {s: dict(zip(classes, counts[s], strict=True)) for s in SPLITS},
+        "counts": {s: dict(zip(classes, n, strict=True)) for s, n in counts.items()},
         "checks": checks,
         "failures": [line(**c) for c in failed if c["blocking"]],
         "warnings": [line(**c) for c in failed if not c["blocking"]],

@@ -2,8 +2,11 @@
 
 Routes: MLflow scoring (`POST /invocations`, a drop-in for `mlflow models serve`), the Open Inference
 Protocol v2 (KServe, Triton, MLServer: health, metadata, infer), `POST /predict` for image files, Prometheus
-`GET /metrics`, and a token-protected `POST /admin/reload` that promotion calls. Parsing lives in
-`protocols`, batching and the model slot in `batching`, connection deadlines in `transport`.
+`GET /metrics`, a token-protected `POST /admin/reload` that promotion calls, and a token-protected
+`POST /feedback` that turns a sampled request and its true label into a training image. Every prediction
+answers with a request id (`X-Request-ID`, the client's own when it sends a usable one). Parsing lives in
+`protocols`, batching and the model slot in `batching`, connection deadlines in `transport`, live
+sampling in `sampling`, the shadow challenger in `shadow`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import secrets
 import socket
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +26,24 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from pipeline import live
 from pipeline.config import Params
 from pipeline.serving import protocols
 from pipeline.serving.batching import Batcher, ModelSlot, NoModel, Served
 from pipeline.serving.metrics import Measure, Metrics
 from pipeline.serving.protocols import Refused
-from pipeline.tracking import CHAMPION
+from pipeline.tracking import CHALLENGER, CHAMPION
 
 # Bodies up to this size are parsed on the event loop (well under a millisecond, less than a hand-off to a
 # thread costs); larger ones, and every image decode, run on a thread so other requests keep flowing.
 INLINE_BYTES = 64 * 1024
+FEEDBACK_BYTES = 16 * 1024  # a request id and a label
+
+
+def request_id(headers) -> str:
+    """The client's X-Request-ID when it is safe to keep (it names feedback files), else a new one."""
+    given = headers.get("x-request-id")
+    return given if given and live.REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 async def _off_loop(body: bytes, fn, *args):
@@ -81,9 +93,10 @@ class ScoringRoute:
             return await self.app(scope, receive, send)
         scope["route"] = self  # lets the Measure middleware label the request by route
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = request_id(headers)
         try:
             body = await protocols.read_body(headers, _asgi_chunks(receive), self.max_body)
-            status, payload = 200, await self.score(headers, body)
+            status, payload = 200, await self.score(headers, body, rid)
         except Refused as err:
             status, payload = err.status, {"detail": err.detail}
         out = orjson.dumps(payload)
@@ -94,6 +107,7 @@ class ScoringRoute:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(out)).encode()),
+                    (b"x-request-id", rid.encode()),
                 ],
             }
         )
@@ -128,7 +142,12 @@ def _authorized(header: str, token: str) -> bool:
     return secrets.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode())
 
 
-def create_app(params: Params, slot: ModelSlot, token: str, on_shutdown=None) -> FastAPI:
+def create_app(
+    params: Params, slot: ModelSlot, token: str, on_shutdown=None, root: Path | None = None
+) -> FastAPI:
+    """The server's routes around `slot`. With `root` (a champion-following server in its checkout) it also
+    samples live traffic into `monitor.folder`, takes feedback into `data.feedback`, and with
+    `serve.shadow` runs @challenger in shadow."""
     cfg = params.serve
     name = params.registry.model_name
     max_body = int(cfg.max_body_mb * 1024 * 1024)
@@ -146,10 +165,25 @@ def create_app(params: Params, slot: ModelSlot, token: str, on_shutdown=None) ->
         tasks = [asyncio.create_task(batcher.run())]
         if follows:
             tasks.append(asyncio.create_task(follow(slot, metrics, cfg.follow_interval_s, followed)))
+        if root is not None and params.monitor.sample_fraction > 0:
+            from pipeline.serving.sampling import Sampler
+
+            state["sampler"] = Sampler(params.monitor, root / params.monitor.folder, metrics)
+            if cfg.shadow:
+                from pipeline.serving.shadow import Shadow
+
+                challenger = ModelSlot(slot.store, name, alias=CHALLENGER)
+                folder = root / params.monitor.folder
+                state["shadow"] = Shadow(
+                    challenger, cfg.shadow_queue, folder, params.monitor.flush_s, metrics
+                )
         yield
         for task in tasks:
             task.cancel()
         batcher.worker.shutdown(wait=False)
+        for part in ("sampler", "shadow"):
+            if part in state:
+                await asyncio.get_running_loop().run_in_executor(None, state[part].close)
         if on_shutdown is not None:
             on_shutdown()
 
@@ -172,12 +206,24 @@ def create_app(params: Params, slot: ModelSlot, token: str, on_shutdown=None) ->
         payload = protocols.parse_json(headers, body)
         return payload, protocols.pixels_from_oip(payload, shape, cfg.max_request_images)
 
-    async def score(headers, body: bytes) -> dict:
+    async def predicted(served: Served, x: np.ndarray, rid: str) -> np.ndarray:
+        """The batcher's probabilities; a sampled request also hands its input, outputs and embeddings to
+        the sampler (and the shadow challenger), neither of which it waits for."""
+        sampler = state.get("sampler")
+        if sampler is None or not sampler.wanted():
+            return await state["batcher"].predict(served, x)
+        probs, emb = await state["batcher"].predict(served, x, embeddings=True)
+        sampler.offer(rid, served, x, probs, emb)
+        if "shadow" in state:
+            state["shadow"].offer(rid, served, x, probs)
+        return probs
+
+    async def score(headers, body: bytes, rid: str) -> dict:
         """MLflow scoring protocol: {"inputs" | "instances": pixels} -> {"predictions": probabilities}."""
         served = served_now()
         x = await _off_loop(body, scoring_pixels, headers, body, served.meta["input_shape"])
-        probs = await state["batcher"].predict(served, x)
-        return {"predictions": probs.tolist(), "version": served.version}
+        probs = await predicted(served, x, rid)
+        return {"predictions": probs.tolist(), "version": served.version, "request_id": rid}
 
     app.add_middleware(ScoringRoute, score=score, max_body=max_body)
     app.add_middleware(Measure, metrics=metrics)  # outermost: counts every route, the scoring one too
@@ -191,7 +237,7 @@ def create_app(params: Params, slot: ModelSlot, token: str, on_shutdown=None) ->
         return served_now()
 
     @app.get("/v2/health/live")
-    async def live() -> dict:
+    async def is_live() -> dict:
         return {"live": True}
 
     @app.get("/v2/health/ready")
@@ -229,7 +275,8 @@ def create_app(params: Params, slot: ModelSlot, token: str, on_shutdown=None) ->
         body = await body_of(request)
         served = model_named(model_name)
         payload, x = await _off_loop(body, oip_pixels, request.headers, body, served.meta["input_shape"])
-        probs = await state["batcher"].predict(served, x)
+        rid = request_id(request.headers)
+        probs = await predicted(served, x, rid)
         out = {
             "model_name": name,
             "model_version": served.version,
@@ -241,13 +288,14 @@ def create_app(params: Params, slot: ModelSlot, token: str, on_shutdown=None) ->
                     "data": probs.ravel().tolist(),
                 }
             ],
+            "parameters": {"request_id": rid},
         }
         if isinstance(payload, dict) and "id" in payload:
             out["id"] = payload["id"]
-        return Response(orjson.dumps(out), media_type="application/json")
+        return Response(orjson.dumps(out), media_type="application/json", headers={"x-request-id": rid})
 
     @app.post("/predict")
-    async def predict(request: Request, top_k: int = 3) -> dict:
+    async def predict(request: Request, response: Response, top_k: int = 3) -> dict:
         kind = protocols.media_type(request.headers)
         if kind != "multipart/form-data" and kind not in protocols.IMAGE_TYPES and kind != "":
             raise Refused(
@@ -262,12 +310,15 @@ def create_app(params: Params, slot: ModelSlot, token: str, on_shutdown=None) ->
         x = await asyncio.get_running_loop().run_in_executor(
             None, protocols.pixels_from_image, body, served.meta["input_shape"], cfg.max_image_pixels
         )
-        probs = (await state["batcher"].predict(served, x))[0]
+        rid = request_id(request.headers)
+        probs = (await predicted(served, x, rid))[0]
         k = max(1, min(top_k, len(probs)))
         idx = np.argsort(-probs)[:k]
         classes = served.meta["classes"]
+        response.headers["x-request-id"] = rid
         return {
             "version": served.version,
+            "request_id": rid,
             "predictions": [{"class": classes[i], "probability": round(float(probs[i]), 6)} for i in idx],
         }
 
@@ -276,6 +327,45 @@ def create_app(params: Params, slot: ModelSlot, token: str, on_shutdown=None) ->
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    feedback_token = os.environ.get("TOLLGATE_FEEDBACK_TOKEN") or token
+
+    async def take_feedback(request: Request) -> dict:
+        if not _authorized(request.headers.get("authorization", ""), feedback_token):
+            raise Refused(401, "feedback needs a token (Authorization: Bearer <TOLLGATE_FEEDBACK_TOKEN>)")
+        if "sampler" not in state:
+            raise Refused(
+                409, "this server samples no requests (monitor.sample_fraction is 0): nothing to label"
+            )
+        body = await protocols.read_body(request.headers, _request_chunks(request), FEEDBACK_BYTES)
+        payload = protocols.parse_json(request.headers, body)
+        if not isinstance(payload, dict) or not isinstance(payload.get("request_id"), str):
+            raise Refused(422, 'send {"request_id": "...", "label": "<class>", "item": 0}')
+        rid, label, item = payload["request_id"], payload.get("label"), payload.get("item", 0)
+        classes = served_now().meta["classes"]
+        if label not in classes:
+            raise Refused(422, f"label {label!r} is not a class of {name}: {', '.join(classes)}")
+        found = state["sampler"].find(rid) if live.REQUEST_ID.match(rid) else None
+        if found is None:
+            raise Refused(404, f"request {rid[:64]!r} was not sampled here, or is no longer kept")
+        version, x = found
+        if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < len(x):
+            raise Refused(422, f"item must be an image index of the request, 0..{len(x) - 1}")
+        folder = root / params.data.feedback
+        path = await asyncio.get_running_loop().run_in_executor(
+            None, live.save_feedback, folder, label, rid, item, x[item]
+        )
+        return {"stored": os.path.relpath(path, root), "label": label, "served_version": version}
+
+    @app.post("/feedback", status_code=201)
+    async def feedback(request: Request) -> dict:
+        try:
+            out = await take_feedback(request)
+        except Refused as err:
+            metrics.feedback.labels(str(err.status)).inc()
+            raise
+        metrics.feedback.labels("201").inc()
+        return out
 
     @app.post("/admin/reload")
     def reload(request: Request) -> dict:
@@ -343,7 +433,13 @@ def serve(
             state.publish(root, state.this_process(url, token))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    app = create_app(params, slot, token, on_shutdown=(lambda: state.withdraw(root, me)) if follows else None)
+    app = create_app(
+        params,
+        slot,
+        token,
+        on_shutdown=(lambda: state.withdraw(root, me)) if follows else None,
+        root=root if follows else None,
+    )
     config = uvicorn.Config(
         app,
         log_level="warning",

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline import failpoints
+from pipeline import drift, failpoints
+from pipeline import model as model_io
 from pipeline.config import ServeConfig
 from pipeline.model import Classifier, predict_proba
 from pipeline.serving.metrics import Metrics
@@ -28,6 +29,7 @@ class Served:
     version: str
     model: Classifier
     meta: dict
+    reference: drift.Reference | None = None  # what drift is measured against (models from before: none)
 
 
 class NoModel(LookupError):
@@ -35,22 +37,23 @@ class NoModel(LookupError):
 
 
 class ModelSlot:
-    """By default it follows `<name>@champion`; with `model_uri` it serves that one model (a candidate under
-    infra validation) and reload is a no-op."""
+    """By default it follows `<name>@champion` (or another `alias`); with `model_uri` it serves that one
+    model (a candidate under infra validation) and reload is a no-op."""
 
-    def __init__(self, store: Store, name: str, model_uri: str | None = None):
+    def __init__(self, store: Store, name: str, model_uri: str | None = None, alias: str = CHAMPION):
         self.store = store
         self.name = name
         self.model_uri = model_uri
+        self.alias = alias
         self.current: Served | None = None
         self._reload_lock = threading.Lock()
 
     def _target(self) -> tuple[str, str]:
         if self.model_uri is not None:
             return "candidate", self.model_uri
-        ref = self.store.version(self.name, CHAMPION)
+        ref = self.store.version(self.name, self.alias)
         if ref is None:
-            raise NoModel(f"{self.name} has no @champion yet: run the pipeline first (dvc repro)")
+            raise NoModel(f"{self.name} has no @{self.alias} yet: run the pipeline first (dvc repro)")
         return ref.version, ref.uri
 
     def reload(self) -> Served:
@@ -61,10 +64,12 @@ class ModelSlot:
                 return self.current
             if self.current is not None:
                 failpoints.reach("serve:swap")
-            model, meta = self.store.load_model(uri)
+            model, meta, reference = self.store.read_model_dir(
+                uri, lambda folder: (*model_io.load(folder), drift.read_reference(folder))
+            )
             h, w, c = meta["input_shape"]
             predict_proba(model, torch.zeros(1, h, w, c))  # warm up before taking traffic
-            self.current = Served(version, model, meta)
+            self.current = Served(version, model, meta, reference)
             return self.current
 
 
@@ -78,10 +83,12 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="forward")
 
-    async def predict(self, served: Served, x: np.ndarray) -> np.ndarray:
+    async def predict(self, served: Served, x: np.ndarray, embeddings: bool = False):
+        """Probabilities for `x`; with `embeddings`, (probabilities, penultimate-layer outputs)."""
         fut = asyncio.get_running_loop().create_future()
-        await self.queue.put((served, x, fut))
-        return await fut
+        await self.queue.put((served, x, fut, embeddings))
+        probs, emb = await fut
+        return (probs, emb) if embeddings else probs
 
     def _drain(self, items: list, size: int) -> int:
         while size < self.max_batch and not self.queue.empty():
@@ -111,19 +118,25 @@ class Batcher:
         for group in groups.values():
             served = group[0][0]
             x = np.concatenate([i[1] for i in group])
+            # Embeddings come from the same pass (a hook on the last layer) when a sampled request wants them.
+            wanted = any(i[3] for i in group)
             try:
-                probs = await loop.run_in_executor(self.worker, _forward, served.model, x)
+                probs, emb = await loop.run_in_executor(self.worker, _forward, served.model, x, wanted)
             except Exception as err:  # noqa: BLE001 - hand the failure to every waiting request
-                for _, _, fut in group:
+                for _, _, fut, _ in group:
                     if not fut.done():
                         fut.set_exception(err)
                 continue
             start = 0
-            for _, xi, fut in group:
+            for _, xi, fut, want in group:
                 if not fut.done():
-                    fut.set_result(probs[start : start + len(xi)])
+                    end = start + len(xi)
+                    fut.set_result((probs[start:end], emb[start:end] if want else None))
                 start += len(xi)
 
 
-def _forward(model: Classifier, x: np.ndarray) -> np.ndarray:
-    return predict_proba(model, torch.from_numpy(x)).numpy()
+def _forward(model: Classifier, x: np.ndarray, embeddings: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    if embeddings:
+        probs, emb = model_io.predict_with_embeddings(model, torch.from_numpy(x))
+        return probs.numpy(), emb.numpy()
+    return predict_proba(model, torch.from_numpy(x)).numpy(), None

@@ -42,6 +42,50 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.samples = Counter(
+            "tollgate_live_samples",
+            "Images sampled for monitoring (monitor.sample_fraction)",
+            registry=self.registry,
+        )
+        self.samples_dropped = Counter(
+            "tollgate_live_samples_dropped",
+            "Sampled images dropped because the writer's queue was full or the disk refused them",
+            registry=self.registry,
+        )
+        self.drift_window = Gauge(
+            "tollgate_drift_window_samples", "Samples in the rolling drift window", registry=self.registry
+        )
+        self.drift_effect = Gauge(
+            "tollgate_drift_effect",
+            "Rolling drift effect size per check (pipeline/drift.py) of the served version",
+            ["check"],
+            registry=self.registry,
+        )
+        self.drift_flag = Gauge(
+            "tollgate_drift_detected", "1 when the check flags drift now", ["check"], registry=self.registry
+        )
+        self.feedback = Counter(
+            "tollgate_feedback", "POST /feedback answers by status", ["code"], registry=self.registry
+        )
+        self.shadow = Counter(
+            "tollgate_shadow_images",
+            "Shadow challenger outcomes: agree, disagree, error (it raised), dropped (its queue was full)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.shadow_latency = Histogram(
+            "tollgate_shadow_latency_seconds",
+            "Challenger forward pass per request, off the request path",
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )
+        self.shadow_version = Gauge(
+            "tollgate_shadow_version",
+            "Challenger version in shadow",
+            ["model", "version"],
+            registry=self.registry,
+        )
+
     def served(self, name: str, version: str) -> None:
         self.version.clear()
         self.version.labels(name, version).set(1)

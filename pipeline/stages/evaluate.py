@@ -11,7 +11,7 @@ import numpy as np
 from pipeline import evaluate, paths, tracking
 from pipeline import model as model_io
 from pipeline.config import Params
-from pipeline.data import load_split
+from pipeline.data import FEEDBACK, load_split, read_manifest, splits_of
 from pipeline.files import load_json, write_csv, write_json, write_text
 from pipeline.stages import log, work
 
@@ -21,6 +21,10 @@ def run(params: Params, root: Path) -> dict:
     run_id = load_json(root / paths.TRAIN_REPORT)["run_id"]
     model, meta = model_io.load(root / paths.MODEL_DIR)
     test = load_split(root / paths.PREPARED_DIR, "test")
+    feedback = None
+    if FEEDBACK in splits_of(read_manifest(root / paths.PREPARED_DIR)):
+        feedback = load_split(root / paths.PREPARED_DIR, FEEDBACK)
+        feedback = feedback if len(feedback.y) else None
     store = tracking.connect(params, root)
 
     def probs_of(pixels) -> np.ndarray:
@@ -30,9 +34,12 @@ def run(params: Params, root: Path) -> dict:
         quality, pred = evaluate.assess(probs_of, np.asarray(test.x), test.y, test.classes, cfg)
         quality["n_params"] = sum(p.numel() for p in model.parameters())
         quality["model_mb"] = (root / paths.MODEL_DIR / model_io.WEIGHTS).stat().st_size / 1e6
+        if feedback is not None:
+            quality["feedback_accuracy"] = float((probs_of(feedback.x).argmax(axis=1) == feedback.y).mean())
+            quality["feedback_images"] = len(feedback.y)
         perf = evaluate.speed_metrics(probs_of, meta["input_shape"], cfg)
         perf["device"] = str(next(model.parameters()).device)
-        champion = evaluate.champion_scores(store, params.registry.model_name, test, cfg)
+        champion = evaluate.champion_scores(store, params.registry.model_name, test, cfg, feedback)
         verdict = evaluate.gate({**quality, **perf}, test.classes, params.gate, champion)
     verdict.update(
         run_id=run_id, champion_version=champion and champion["version"], data_version=meta["data_version"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline import paths, tracking
+from pipeline import live, paths, tracking
 from pipeline.config import Params
 from pipeline.files import load_json, write_json
 from pipeline.promote import Fenced, PromotionError, promote
@@ -19,6 +19,7 @@ def run(params: Params, root: Path) -> dict:
     if not registration["registered"]:
         result = {"promoted": False, "reason": "candidate rejected: " + "; ".join(registration["reasons"])}
     else:
+        online_gate(params, root, registration["version"])
         gated_against = load_json(root / paths.GATE_REPORT)["champion_version"]
         store = tracking.connect(params, root)
         try:
@@ -33,3 +34,26 @@ def run(params: Params, root: Path) -> dict:
     write_json(root / paths.PROMOTION, result)
     log(result["summary"] if result["promoted"] else json.dumps(result))
     return result
+
+
+def online_gate(params: Params, root: Path, version: str) -> None:
+    """With `serve.shadow_min_requests`, the candidate must have run in shadow on that many live images
+    (and disagreed with the champion on at most `serve.shadow_max_disagreement` of them) before it moves."""
+    needed, most = params.serve.shadow_min_requests, params.serve.shadow_max_disagreement
+    if needed == 0:
+        return
+    seen = live.shadow_summary(root / params.monitor.folder, root / params.data.feedback, version)
+    reason = None
+    if seen["images"] < needed:
+        reason = (
+            f"online gate: v{version} has run in shadow on {seen['images']} live images, "
+            f"serve.shadow_min_requests needs {needed} (serve.shadow on, then promote again)"
+        )
+    elif seen["disagreement"] is None or seen["disagreement"] > most:
+        reason = (
+            f"online gate: v{version} disagrees with the champion on {seen['disagreement']:.3f} of its "
+            f"shadow images, more than serve.shadow_max_disagreement {most}"
+        )
+    if reason:
+        write_json(root / paths.PROMOTION, {"promoted": False, "reason": reason, "shadow": seen})
+        raise StageFailed(reason)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import codegraph, distributed, paths, tracking
+from pipeline import codegraph, distributed, drift, paths, tracking
 from pipeline import model as model_io
 from pipeline.config import Params
 from pipeline.data import load_split, read_manifest
@@ -83,7 +83,8 @@ def _train(params: Params, root: Path) -> dict:
         result = train_into(run_id)
         if not distributed.writes_outputs():
             return {}
-        report = _persist(root, result, meta, run_id, world_size, time.perf_counter() - start)
+        reference = _reference(result.model, splits[1], params)
+        report = _persist(root, result, meta, run_id, world_size, time.perf_counter() - start, reference)
         write_json(root / paths.TRAIN_REPORT, report)
         log(f"node of rank {rank} trained its share of MLflow run {run_id}; its outputs are in this checkout")
         return report
@@ -98,7 +99,9 @@ def _train(params: Params, root: Path) -> dict:
         start = time.perf_counter()
         with work():
             result = train_into(mlflow_run.info.run_id, _epoch_logger(params.train.epochs))
-        report = _persist(root, result, meta, mlflow_run.info.run_id, world_size, time.perf_counter() - start)
+            reference = _reference(result.model, splits[1], params)
+        wall = time.perf_counter() - start
+        report = _persist(root, result, meta, mlflow_run.info.run_id, world_size, wall, reference)
         tracking.finish_training(root / paths.TRAIN_HISTORY, result.device, result.best_epoch)
     write_json(root / paths.TRAIN_REPORT, report)
     log(f"trained on {result.device} in {report['wall_s']:.1f}s; MLflow run {report['run_id']}")
@@ -117,11 +120,31 @@ def _epoch_logger(epochs: int):
     return on_epoch
 
 
-def _persist(root: Path, result: TrainResult, meta: dict, run_id: str, world_size: int, wall: float) -> dict:
-    """The model, atomically; then the checkpoint goes (a later run starts afresh), the curves are written,
-    and the report is returned for the caller to write last."""
+def _reference(model: model_io.Classifier, val, params: Params) -> drift.Reference:
+    """The drift reference: the trained model on (a seeded sample of) the validation split."""
+    n = min(len(val.y), params.train.reference_samples)
+    idx = np.sort(np.random.default_rng(params.seed).choice(len(val.y), n, replace=False))
+    x = np.asarray(val.x[idx])
+    probs, emb = model_io.predict_with_embeddings(model.cpu().eval(), x)
+    return drift.build_reference(
+        probs.numpy(), emb.numpy(), x, len(val.classes), params.train.reference_components
+    )
+
+
+def _persist(
+    root: Path,
+    result: TrainResult,
+    meta: dict,
+    run_id: str,
+    world_size: int,
+    wall: float,
+    reference: drift.Reference,
+) -> dict:
+    """The model and its drift reference, atomically; then the checkpoint goes (a later run starts
+    afresh), the curves are written, and the report is returned for the caller to write last."""
     with atomic_dir(root / paths.MODEL_DIR) as tmp:
         model_io.save(result.model.cpu(), meta, tmp)
+        drift.write_reference(tmp, reference)
     (root / paths.TRAIN_CHECKPOINT).unlink(missing_ok=True)
     write_csv(root / paths.TRAIN_HISTORY, result.history)
     last = result.history[-1] if result.history else {}

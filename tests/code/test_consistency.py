@@ -42,10 +42,14 @@ def test_stages_match_the_cli_in_order():
 
 def test_every_output_path_is_one_the_code_writes():
     declared = set().union(*(_out_paths(s) for s in DVC["stages"].values()))
-    # runtime state (.tollgate/), the params file and what people apply by hand are not stage outputs
+    # runtime state (.tollgate/), the params file, what people apply by hand and the live-traffic reports
+    # of `tollgate monitor` / `tollgate shadow` are not stage outputs
     code_paths = {v for k, v in vars(paths).items() if k.isupper() and not v.startswith(".tollgate/")} - {
         paths.PARAMS,
         paths.KSERVE_MANIFEST,
+        paths.MONITOR_REPORT,
+        paths.MONITOR_HTML,
+        paths.SHADOW_REPORT,
     }
     assert declared == code_paths
 
@@ -116,8 +120,11 @@ def test_the_module_graph_follows_lazy_imports_and_process_entry_points():
 
 
 # Where results are recorded and how machines take turns or follow, not what the results are: moving the
-# tracking store must not retrain anything, nor a new replica or guard setting re-run a promotion.
+# tracking store must not retrain anything, nor a new replica or guard setting re-run a promotion, nor
+# sampling more live traffic re-run the server's infra validation (whose candidate server samples nothing).
 WHERE_NOT_WHAT = {
+    "monitor",
+    "data.feedback",
     "mlflow",
     "registry.experiment",
     "registry.guard",

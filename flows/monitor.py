@@ -1,0 +1,39 @@
+"""The `drift-check` flow (deployed hourly by prefect.yaml): run the monitor on the newest live samples and,
+when it flags drift, notify and start the retraining deployment (`monitor.retrain_deployment`, which
+trains with the feedback users gave), whose own gates decide whether anything is promoted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.states import Completed
+
+from pipeline.config import load_params
+from pipeline.paths import PARAMS
+
+
+@flow(name="drift-check", log_prints=True)
+def drift_check(root: str = "."):
+    from pipeline import monitor
+
+    root_path = Path(root).resolve()
+    params = load_params(root_path / PARAMS)
+    report = monitor.run(params, root_path)
+    print(monitor.summary(report))
+    if not report["drift"]:
+        return Completed(message="no drift" if report["drift"] is False else "no verdict: too few samples")
+    from prefect.deployments import run_deployment
+
+    from flows.pipeline import notify
+
+    flagged = ", ".join(name for name, c in report["checks"].items() if c["drift"])
+    # timeout=0: start it and return; the retraining run has its own lock, timeouts and notifications.
+    run = run_deployment(params.monitor.retrain_deployment, timeout=0, tags=["drift"], as_subflow=False)
+    text = (
+        f"tollgate: drift in live traffic of {report['model']} v{report['version']} ({flagged}); "
+        f"started {params.monitor.retrain_deployment} (flow run {run.id})"
+    )
+    notify(params.flow, text)
+    return Completed(message=f"drift ({flagged}): started retraining flow run {run.id}")

@@ -1,0 +1,163 @@
+"""Live sampling off the request path: a request picked with probability `monitor.sample_fraction` hands
+its model input, prediction and embeddings to a bounded queue (never waiting: when the queue is full the
+sample is dropped and counted), and one writer thread turns the queue into shards (pipeline/live.py),
+applies the size bound and retention, keeps the rolling drift figures of `/metrics` current, and remembers
+where each sampled request went so that `POST /feedback` can find its input.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import drift, failpoints, live
+from pipeline.config import MonitorConfig
+from pipeline.serving.metrics import Metrics
+
+_STOP = object()
+# Request ids remembered for feedback; older ones are answered 404 (their samples are usually gone too).
+REMEMBERED = 200_000
+
+
+class Sampler:
+    def __init__(self, cfg: MonitorConfig, folder: Path, metrics: Metrics):
+        self.cfg = cfg
+        self.folder = folder
+        self.metrics = metrics
+        self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple] = {}  # request id -> its rows, until written
+        self._where: collections.OrderedDict[str, Path] = collections.OrderedDict()
+        self._rolling: collections.deque = collections.deque()  # (version, reference, Window) per request
+        self._rolling_rows = 0
+        self._since_figures = 0
+        self._seq = 0
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._thread.start()
+
+    def wanted(self) -> bool:
+        return self.cfg.sample_fraction > 0 and random.random() < self.cfg.sample_fraction
+
+    def offer(self, request: str, served, x: np.ndarray, probs: np.ndarray, embeddings: np.ndarray) -> None:
+        """Hand one request's rows to the writer; costs a queue put, never blocks."""
+        try:
+            self.queue.put_nowait((time.time(), request, served, x, probs, embeddings))
+        except queue.Full:
+            self.metrics.samples_dropped.inc(len(x))
+
+    def find(self, request: str) -> tuple[str, np.ndarray] | None:
+        """(served version, inputs) of a sampled request, or None if it was not sampled or is forgotten."""
+        with self._lock:
+            rows = self._pending.get(request)
+            if rows is not None:
+                return rows[2], rows[3]
+            path = self._where.get(request)
+        if path is None:
+            return None
+        try:
+            shard = live.read_shard(path)
+        except (OSError, ValueError):  # removed by retention
+            return None
+        keep = shard["request"] == request
+        return str(shard["version"][keep][0]), shard["x"][keep][np.argsort(shard["item"][keep])]
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is pending and stop the writer."""
+        try:
+            self.queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        first = None
+        while True:
+            wait = self.cfg.flush_s if first is None else max(0.0, first + self.cfg.flush_s - time.time())
+            try:
+                item = self.queue.get(timeout=wait)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                self._flush()
+                return
+            if item is not None:
+                first = first or item[0]
+                self._take(*item)
+            if self._pending and (
+                sum(len(r[3]) for r in self._pending.values()) >= self.cfg.shard_samples
+                or time.time() - first >= self.cfg.flush_s
+            ):
+                self._flush()
+                first = None
+
+    def _take(self, when: float, request: str, served, x, probs, embeddings) -> None:
+        failpoints.reach("sampler:take")
+        x = live.model_input(x)
+        pred = probs.argmax(axis=1)
+        conf = probs.max(axis=1)
+        with self._lock:
+            self._pending[request] = (when, request, served.version, x, pred, conf, embeddings)
+        self.metrics.samples.inc(len(x))
+        if served.reference is not None:
+            window = drift.Window(pred, conf, drift.input_stats(x), embeddings)
+            self._rolling.append((served.version, served.reference, window))
+            self._rolling_rows += len(x)
+            while self._rolling_rows - len(self._rolling[0][2]) >= self.cfg.window:
+                self._rolling_rows -= len(self._rolling.popleft()[2])
+            self._since_figures += len(x)
+            if self._since_figures >= self.cfg.metrics_every:
+                self._since_figures = 0
+                self._figures(served.version, served.reference)
+
+    def _figures(self, version: str, reference: drift.Reference) -> None:
+        """Drift of the newest `monitor.window` samples of the served version, as gauges."""
+        parts = [w for v, _, w in self._rolling if v == version]
+        if not parts:
+            return
+        window = drift.Window(*(np.concatenate(a) for a in zip(*(
+            (w.pred, w.confidence, w.inputs, w.embeddings) for w in parts), strict=True)))  # fmt: skip
+        result = drift.compare(reference, window.tail(self.cfg.window), self.cfg)
+        self.metrics.drift_window.set(result["samples"])
+        for name, check in result["checks"].items():
+            self.metrics.drift_effect.labels(name).set(check["effect"])
+            self.metrics.drift_flag.labels(name).set(1 if check["drift"] else 0)
+
+    def _flush(self) -> None:
+        with self._lock:
+            rows = list(self._pending.values())
+        if not rows:
+            return
+        columns = {
+            "x": np.concatenate([r[3] for r in rows]),
+            "pred": np.concatenate([r[4] for r in rows]).astype(np.int16),
+            "confidence": np.concatenate([r[5] for r in rows]).astype(np.float32),
+            "embedding": np.concatenate([r[6] for r in rows]).astype(np.float16),
+            "version": np.concatenate([np.full(len(r[3]), r[2]) for r in rows]),
+            "request": np.concatenate([np.full(len(r[3]), r[1]) for r in rows]),
+            "item": np.concatenate([np.arange(len(r[3]), dtype=np.int32) for r in rows]),
+            "time": np.concatenate([np.full(len(r[3]), r[0]) for r in rows]),
+        }
+        if len({r[3].dtype for r in rows}) > 1:  # one float request among uint8 ones: keep all exact
+            columns["x"] = np.concatenate([r[3].astype(np.float32) for r in rows])
+        self._seq += 1
+        path = live.shard_path(self.folder, live.SAMPLES, rows[0][0], self._seq)
+        try:
+            live.write_shard(path, columns)
+        except OSError as err:  # a full disk must not take serving down: count and go on
+            self.metrics.samples_dropped.inc(len(columns["x"]))
+            print(f"[tollgate] cannot write live samples to {path}: {err}", flush=True)
+            path = None
+        with self._lock:
+            for r in rows:
+                self._pending.pop(r[1], None)
+                if path is not None:
+                    self._where[r[1]] = path
+            while len(self._where) > REMEMBERED:
+                self._where.popitem(last=False)
+        live.enforce_retention(self.folder, self.cfg.max_mb * 1e6, self.cfg.retention_h * 3600)
