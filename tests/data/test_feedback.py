@@ -1,0 +1,66 @@
+"""Feedback images as data: prepare adds them without moving the frozen splits, and validation judges them
+like any other files."""
+
+import numpy as np
+import pytest
+
+from pipeline import live
+from pipeline.config import load_params
+from pipeline.data import load_split, prepare
+from pipeline.sources import SourceError, load_digits
+from tests.support import ROOT
+
+
+def _feedback(folder, n_per_class: int = 10, classes=("3", "7")) -> None:
+    digits = load_digits()
+    for k, label in enumerate(classes):
+        rows = np.flatnonzero(digits.y == (int(label) if label.isdigit() else k))[:n_per_class]
+        for i, row in enumerate(rows):
+            live.save_feedback(folder, label, f"req{label}x{i:03d}", 0, 255 - digits.x[row])
+
+
+def _params(feedback: bool):
+    params = load_params(ROOT / "params.yaml")
+    data = params.data.model_copy(update={"use_feedback": feedback})
+    return params.model_copy(update={"data": data})
+
+
+def test_feedback_joins_train_and_its_newest_form_a_slice_while_the_frozen_splits_stay(tmp_path):
+    _feedback(tmp_path / "feedback")
+    params = _params(True)
+    without = prepare(_params(False).data, params.seed, tmp_path / "without")
+    with_fb = prepare(params.data, params.seed, tmp_path / "with", feedback_root=tmp_path / "feedback")
+    assert with_fb["data_version"] != without["data_version"]
+    assert with_fb["counts"]["feedback"]["3"] == 3 and with_fb["counts"]["feedback"]["7"] == 3  # 30 % of 10
+    assert sum(with_fb["counts"]["train"].values()) == sum(without["counts"]["train"].values()) + 14
+    for split in ("val", "test"):
+        a, b = load_split(tmp_path / "without", split), load_split(tmp_path / "with", split)
+        assert np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y)
+    # the newest files (their names start with the time) are the held-out slice
+    names = sorted(p.name for p in (tmp_path / "feedback" / "3").iterdir())
+    table = (tmp_path / "with" / "files.csv").read_text()
+    for name in names[-3:]:
+        assert f"3/{name},3,feedback," in table
+
+
+def test_malformed_feedback_is_refused_by_validation_naming_the_files(tmp_path):
+    from pipeline.validate import run_suite
+
+    folder = tmp_path / "feedback"
+    _feedback(folder)
+    live.save_feedback(folder, "3", "blank", 0, np.zeros((8, 8, 1)))  # a blank "image"
+    (folder / "7" / "notes.txt").write_text("not an image")
+    params = _params(True)
+    prepare(params.data, params.seed, tmp_path / "prepared", feedback_root=folder)
+    report = run_suite(tmp_path / "prepared", params.validate_)
+    assert not report["passed"]
+    failures = "\n".join(report["failures"])
+    assert "non_image" in failures or "notes.txt" in failures
+    assert "blank" in failures
+
+
+def test_feedback_for_a_class_the_data_lacks_is_refused(tmp_path):
+    _feedback(tmp_path / "feedback", classes=("3", "cat"))
+    params = _params(True)
+    with pytest.raises(SourceError, match="cat"):
+        prepare(params.data, params.seed, tmp_path / "prepared", feedback_root=tmp_path / "feedback")
