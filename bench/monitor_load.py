@@ -12,7 +12,6 @@ Targets (issue 14): <= 10 % throughput lost at 10 % sampling, p99 <= 50 ms.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -24,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import NAME, wrk  # noqa: E402
+from serve_load import NAME, load_args, scoring_script, wrk  # noqa: E402
 
 from tests.support import Server, http, make_project, model_client, run, set_param  # noqa: E402
 
@@ -103,12 +102,7 @@ def detection_delays(project: Path, n: int = 1000) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=int, default=15)
-    ap.add_argument("--connections", type=int, default=16)
-    args = ap.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk not found: apt-get install wrk")
+    args = load_args(__doc__, 15)
     with tempfile.TemporaryDirectory() as tmp:
         project = make_project(Path(tmp) / "project")
         print("running the pipeline twice (v1 becomes the shadow challenger) ...", flush=True)
@@ -116,12 +110,7 @@ def main() -> None:
         set_param(project, "train.epochs", 13)
         run(["dvc", "repro"], cwd=project)
         model_client(project).set_registered_model_alias(NAME, "challenger", "1")
-        image = np.load(project / "data/prepared/test_x.npy")[:1].astype(float).tolist()
-        script = Path(tmp) / "post.lua"
-        script.write_text(
-            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-            f"wrk.body = {json.dumps(json.dumps({'inputs': image}))}\n"
-        )
+        script, _ = scoring_script(project, Path(tmp))
         results = load_rows(project, script, args.seconds, args.connections)
         delays = detection_delays(project)
 

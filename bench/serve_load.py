@@ -95,27 +95,38 @@ class TorchServe:
         self.proc.wait(timeout=60)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=int, default=20)
+def load_args(doc: str, seconds: int):
+    """--seconds and --connections; wrk must be installed."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=seconds)
     ap.add_argument("--connections", type=int, default=16)
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
+    return args
 
+
+def scoring_script(project: Path, folder: Path) -> tuple[Path, list]:
+    """A wrk script posting the project's first test image as MLflow scoring JSON, and that image."""
+    import numpy as np
+
+    image = np.load(project / "data/prepared/test_x.npy")[:1].astype(float).tolist()
+    script = folder / "post.lua"
+    body = json.dumps({"inputs": image})
+    script.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = {json.dumps(body)}\n"
+    )
+    return script, image
+
+
+def main() -> None:
+    args = load_args(__doc__, 20)
     with tempfile.TemporaryDirectory() as tmp:
         project = make_project(Path(tmp) / "project")
         print("running the pipeline once to register a champion ...", flush=True)
         run(["dvc", "repro"], cwd=project)
-        import numpy as np
-
-        image = np.load(project / "data/prepared/test_x.npy")[:1].astype(float).tolist()
-        script = Path(tmp) / "post.lua"
-        body = json.dumps({"inputs": image})
-        script.write_text(
-            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-            f"wrk.body = {json.dumps(body)}\n"
-        )
+        script, image = scoring_script(project, Path(tmp))
         results = {}
         for label, start, path in (
             ("tollgate", lambda: Server(project), "/invocations"),
@@ -129,8 +140,9 @@ def main() -> None:
             finally:
                 server.stop()
 
+    shape = f"{len(image[0])}x{len(image[0][0])}x{len(image[0][0][0])}"
     print(
-        f"\n{args.connections} connections, {args.seconds} s, one {np.asarray(image).shape[1:]} image per "
+        f"\n{args.connections} connections, {args.seconds} s, one {shape} image per "
         "request, MLflow scoring JSON"
     )
     print(f"{'server':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}  socket errors")

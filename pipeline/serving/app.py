@@ -200,6 +200,8 @@ def create_app(
         return served
 
     def scoring_pixels(headers, body: bytes, shape: list[int]):
+        if len(body) > INLINE_BYTES:
+            protocols.cap_before_parsing(body, cfg.max_request_images)
         return protocols.pixels_from_json(protocols.parse_json(headers, body), shape, cfg.max_request_images)
 
     def oip_pixels(headers, body: bytes, shape: list[int]):

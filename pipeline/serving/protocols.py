@@ -104,6 +104,17 @@ def _cap(n: int, max_images: int) -> None:
         raise Refused(413, f"{n} images in one request; at most {max_images} (serve.max_request_images)")
 
 
+def cap_before_parsing(body: bytes, max_images: int) -> None:
+    """Refuse a scoring body with too many images before parsing it. A JSON parse holds the GIL from start to
+    end (a 10 MB body: long enough to stall every other request under load); counting the arrays two deep
+    (the images of {"inputs": [image, ...]}) on the raw bytes with numpy lets other threads run. Brackets
+    inside strings could only add to the count, and the full parse still applies the exact cap."""
+    raw = np.frombuffer(body, dtype=np.uint8)
+    opens = raw == ord("[")
+    depth = np.cumsum(opens.view(np.int8) - (raw == ord("]")).view(np.int8), dtype=np.int32)
+    _cap(int(np.count_nonzero(opens & (depth == 2))), max_images)
+
+
 def pixels_from_json(payload: object, shape: list[int], max_images: int) -> np.ndarray:
     """MLflow scoring protocol: {"inputs": tensor} or {"instances": [tensor, ...]}."""
     if not isinstance(payload, dict):

@@ -8,7 +8,6 @@ where each sampled request went so that `POST /feedback` can find its input.
 from __future__ import annotations
 
 import collections
-import queue
 import random
 import threading
 import time
@@ -19,18 +18,18 @@ import numpy as np
 from pipeline import drift, failpoints, live
 from pipeline.config import MonitorConfig
 from pipeline.serving.metrics import Metrics
+from pipeline.serving.worker import STOP, Worker
 
-_STOP = object()
 # Request ids remembered for feedback; older ones are answered 404 (their samples are usually gone too).
 REMEMBERED = 200_000
 
 
-class Sampler:
+class Sampler(Worker):
     def __init__(self, cfg: MonitorConfig, folder: Path, metrics: Metrics):
+        super().__init__(cfg.queue_size, "sampler")
         self.cfg = cfg
         self.folder = folder
         self.metrics = metrics
-        self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
         self._lock = threading.Lock()
         self._pending: dict[str, tuple] = {}  # request id -> its rows, until written
         self._where: collections.OrderedDict[str, Path] = collections.OrderedDict()
@@ -38,17 +37,14 @@ class Sampler:
         self._rolling_rows = 0
         self._since_figures = 0
         self._seq = 0
-        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
-        self._thread.start()
+        self.start()
 
     def wanted(self) -> bool:
         return self.cfg.sample_fraction > 0 and random.random() < self.cfg.sample_fraction
 
     def offer(self, request: str, served, x: np.ndarray, probs: np.ndarray, embeddings: np.ndarray) -> None:
         """Hand one request's rows to the writer; costs a queue put, never blocks."""
-        try:
-            self.queue.put_nowait((time.time(), request, served, x, probs, embeddings))
-        except queue.Full:
+        if not self.hand((time.time(), request, served, x, probs, embeddings)):
             self.metrics.samples_dropped.inc(len(x))
 
     def find(self, request: str) -> tuple[str, np.ndarray] | None:
@@ -67,23 +63,12 @@ class Sampler:
         keep = shard["request"] == request
         return str(shard["version"][keep][0]), shard["x"][keep][np.argsort(shard["item"][keep])]
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Write what is pending and stop the writer."""
-        try:
-            self.queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            return
-        self._thread.join(timeout)
-
     def _run(self) -> None:
         first = None
         while True:
             wait = self.cfg.flush_s if first is None else max(0.0, first + self.cfg.flush_s - time.time())
-            try:
-                item = self.queue.get(timeout=wait)
-            except queue.Empty:
-                item = None
-            if item is _STOP:
+            item = self.next(wait)
+            if item is STOP:
                 self._flush()
                 return
             if item is not None:

@@ -7,8 +7,6 @@ counted, and the champion's path does not wait on it.
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from pathlib import Path
 
@@ -17,36 +15,25 @@ import numpy as np
 from pipeline import failpoints, live
 from pipeline.serving.batching import ModelSlot, NoModel
 from pipeline.serving.metrics import Metrics
+from pipeline.serving.worker import STOP, Worker
 from pipeline.tracking import CHALLENGER
 
-_STOP = object()
 
-
-class Shadow:
+class Shadow(Worker):
     def __init__(self, slot: ModelSlot, size: int, folder: Path, flush_s: float, metrics: Metrics):
+        super().__init__(size, "shadow")
         self.slot = slot
         self.folder = folder
         self.flush_s = flush_s
         self.metrics = metrics
-        self.queue: queue.Queue = queue.Queue(maxsize=size)
         self.checked = 0.0
         self._rows: list[dict] = []
         self._seq = 0
-        self._thread = threading.Thread(target=self._run, name="shadow", daemon=True)
-        self._thread.start()
+        self.start()
 
     def offer(self, request: str, served, x: np.ndarray, probs: np.ndarray) -> None:
-        try:
-            self.queue.put_nowait((time.time(), request, served, x, probs))
-        except queue.Full:
+        if not self.hand((time.time(), request, served, x, probs)):
             self.metrics.shadow.labels("dropped").inc(len(x))
-
-    def close(self, timeout: float = 5.0) -> None:
-        try:
-            self.queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            return
-        self._thread.join(timeout)
 
     def _challenger(self):
         """The model behind @challenger, re-read at most every flush interval; None when there is none."""
@@ -66,11 +53,8 @@ class Shadow:
     def _run(self) -> None:
         last_write = time.time()
         while True:
-            try:
-                item = self.queue.get(timeout=self.flush_s)
-            except queue.Empty:
-                item = None
-            if item is _STOP:
+            item = self.next(self.flush_s)
+            if item is STOP:
                 self._write()
                 return
             if item is not None:

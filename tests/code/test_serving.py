@@ -157,6 +157,21 @@ def test_too_many_images_are_refused_before_conversion():
         assert c.post("/invocations", content=_json({"inputs": x[:4]}), headers=JSON).status_code == 200
 
 
+def test_large_scoring_bodies_are_counted_before_they_are_parsed():
+    # The bracket count must agree with the parse: refuse exactly what the parse would, accept the rest.
+    from pipeline.serving.protocols import Refused, cap_before_parsing
+
+    for n, refused in ((4, False), (5, True)):
+        for key in ("inputs", "instances"):
+            body = _json({key: np.zeros((n, *SHAPE), dtype=int).tolist()})
+            try:
+                cap_before_parsing(body, 4)
+                outcome = False
+            except Refused as err:
+                outcome = err.status == 413 and f"{n} images in one request" in err.detail
+            assert outcome is refused, (n, key)
+
+
 def test_a_multipart_upload_counts_against_the_body_limit():
     from fastapi.testclient import TestClient
 
