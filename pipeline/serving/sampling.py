@@ -71,15 +71,26 @@ class Sampler(Worker):
             if item is STOP:
                 self._flush()
                 return
-            if item is not None:
-                first = first or item[0]
-                self._take(*item)
-            if self._pending and (
-                sum(len(r[3]) for r in self._pending.values()) >= self.cfg.shard_samples
-                or time.time() - first >= self.cfg.flush_s
-            ):
-                self._flush()
+            try:
+                if item is not None:
+                    first = first or item[0]
+                    self._take(*item)
+                if self._pending and (
+                    sum(len(r[3]) for r in self._pending.values()) >= self.cfg.shard_samples
+                    or time.time() - first >= self.cfg.flush_s
+                ):
+                    self._flush()
+                    first = None
+            except Exception as err:  # noqa: BLE001 - whatever one sample does, sampling goes on
+                with self._lock:
+                    lost = sum(len(r[3]) for r in self._pending.values())
+                    self._pending.clear()
+                self.metrics.samples_dropped.inc(lost)
                 first = None
+                print(
+                    f"[tollgate] live sampling dropped {lost} samples: {type(err).__name__}: {err}",
+                    flush=True,
+                )
 
     def _take(self, when: float, request: str, served, x, probs, embeddings) -> None:
         failpoints.reach("sampler:take")
@@ -114,10 +125,17 @@ class Sampler(Worker):
             self.metrics.drift_flag.labels(name).set(1 if check["drift"] else 0)
 
     def _flush(self) -> None:
+        """Write the pending rows, a shard per kind of input and embedding (a new champion may differ)."""
         with self._lock:
-            rows = list(self._pending.values())
-        if not rows:
-            return
+            pending = list(self._pending.values())
+        groups: dict[tuple, list] = {}
+        for r in pending:
+            groups.setdefault((r[3].shape[1:], r[3].dtype.str, r[6].shape[1:]), []).append(r)
+        for rows in groups.values():
+            self._write(rows)
+        live.enforce_retention(self.folder, self.cfg.max_mb * 1e6, self.cfg.retention_h * 3600)
+
+    def _write(self, rows: list) -> None:
         columns = {
             "x": np.concatenate([r[3] for r in rows]),
             "pred": np.concatenate([r[4] for r in rows]).astype(np.int16),
@@ -128,8 +146,6 @@ class Sampler(Worker):
             "item": np.concatenate([np.arange(len(r[3]), dtype=np.int32) for r in rows]),
             "time": np.concatenate([np.full(len(r[3]), r[0]) for r in rows]),
         }
-        if len({r[3].dtype for r in rows}) > 1:  # one float request among uint8 ones: keep all exact
-            columns["x"] = np.concatenate([r[3].astype(np.float32) for r in rows])
         self._seq += 1
         path = live.shard_path(self.folder, live.SAMPLES, rows[0][0], self._seq)
         try:
@@ -145,4 +161,3 @@ class Sampler(Worker):
                     self._where[r[1]] = path
             while len(self._where) > REMEMBERED:
                 self._where.popitem(last=False)
-        live.enforce_retention(self.folder, self.cfg.max_mb * 1e6, self.cfg.retention_h * 3600)

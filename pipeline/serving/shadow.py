@@ -57,11 +57,15 @@ class Shadow(Worker):
             if item is STOP:
                 self._write()
                 return
-            if item is not None:
-                self._score(*item)
-            if self._rows and time.time() - last_write >= self.flush_s:
-                self._write()
-                last_write = time.time()
+            try:
+                if item is not None:
+                    self._score(*item)
+                if self._rows and time.time() - last_write >= self.flush_s:
+                    self._write()
+                    last_write = time.time()
+            except Exception as err:  # noqa: BLE001 - the shadow goes on; the champion never noticed
+                self.metrics.shadow.labels("error").inc()
+                print(f"[tollgate] shadow: {type(err).__name__}: {err}", flush=True)
 
     def _score(self, when: float, request: str, served, x: np.ndarray, probs: np.ndarray) -> None:
         from pipeline.model import predict_proba
