@@ -112,8 +112,10 @@ def save_feedback(folder: Path, label: str, request: str, item: int, x: np.ndarr
 
     from PIL import Image
 
-    for old in folder.glob(f"*/*-{request}-{item}.png"):
-        old.unlink(missing_ok=True)
+    own = f"{request}-{item}.png"
+    for old in folder.glob(f"*/*-{own}"):
+        if old.name.partition("-")[2] == own:  # not request "x-<request>"'s
+            old.unlink(missing_ok=True)
     pixels = np.clip(np.round(x), 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
     buf = io.BytesIO()

@@ -83,7 +83,7 @@ def _train(params: Params, root: Path) -> dict:
         result = train_into(run_id)
         if not distributed.writes_outputs():
             return {}
-        reference = _reference(result.model, splits[1], params)
+        reference = _reference(result.model, splits, params)
         report = _persist(root, result, meta, run_id, world_size, time.perf_counter() - start, reference)
         write_json(root / paths.TRAIN_REPORT, report)
         log(f"node of rank {rank} trained its share of MLflow run {run_id}; its outputs are in this checkout")
@@ -99,7 +99,7 @@ def _train(params: Params, root: Path) -> dict:
         start = time.perf_counter()
         with work():
             result = train_into(mlflow_run.info.run_id, _epoch_logger(params.train.epochs))
-            reference = _reference(result.model, splits[1], params)
+            reference = _reference(result.model, splits, params)
         wall = time.perf_counter() - start
         report = _persist(root, result, meta, mlflow_run.info.run_id, world_size, wall, reference)
         tracking.finish_training(root / paths.TRAIN_HISTORY, result.device, result.best_epoch)
@@ -120,14 +120,17 @@ def _epoch_logger(epochs: int):
     return on_epoch
 
 
-def _reference(model: model_io.Classifier, val, params: Params) -> drift.Reference:
-    """The drift reference: the trained model on (a seeded sample of) the validation split."""
-    n = min(len(val.y), params.train.reference_samples)
-    idx = np.sort(np.random.default_rng(params.seed).choice(len(val.y), n, replace=False))
-    x = np.asarray(val.x[idx])
+def _reference(model: model_io.Classifier, splits, params: Params) -> drift.Reference:
+    """The drift reference: the trained model on (a seeded sample of) the validation split, or of the
+    training split when there is next to no validation split (data.val_fraction 0)."""
+    train, val = splits
+    source = val if len(val.y) >= 10 else train
+    n = min(len(source.y), params.train.reference_samples)
+    idx = np.sort(np.random.default_rng(params.seed).choice(len(source.y), n, replace=False))
+    x = np.asarray(source.x[idx])
     probs, emb = model_io.predict_with_embeddings(model.cpu().eval(), x)
     return drift.build_reference(
-        probs.numpy(), emb.numpy(), x, len(val.classes), params.train.reference_components
+        probs.numpy(), emb.numpy(), x, len(source.classes), params.train.reference_components
     )
 
 

@@ -64,3 +64,12 @@ def test_feedback_for_a_class_the_data_lacks_is_refused(tmp_path):
     params = _params(True)
     with pytest.raises(SourceError, match="cat"):
         prepare(params.data, params.seed, tmp_path / "prepared", feedback_root=tmp_path / "feedback")
+
+
+def test_a_relabel_replaces_only_that_inputs_file(tmp_path):
+    x = np.full((8, 8, 1), 128)
+    live.save_feedback(tmp_path, "3", "b-a", 0, x)
+    live.save_feedback(tmp_path, "3", "a", 0, x)
+    live.save_feedback(tmp_path, "5", "a", 0, x)  # request "a" relabelled: 3 -> 5
+    assert live.feedback_labels(tmp_path) == {("b-a", 0): "3", ("a", 0): "5"}
+    assert len(list(tmp_path.rglob("*.png"))) == 2
