@@ -113,6 +113,13 @@ def _ks(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
+def _ks_columns(live: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """KS per column of two (n, d) samples: the largest statistic and the smallest p-value, Bonferroni
+    corrected for the d tests."""
+    stats = [_ks(live[:, j], ref[:, j]) for j in range(ref.shape[1])]
+    return max(s for s, _ in stats), min(1.0, min(p for _, p in stats) * len(stats))
+
+
 def compare(ref: Reference, window: Window, cfg: MonitorConfig) -> dict:
     """Every check of `window` against `ref`: statistic, p-value, threshold, and whether it flags; `drift`
     is True when any does. A window under `monitor.min_samples` gets no verdict (`drift` None)."""
@@ -124,27 +131,19 @@ def compare(ref: Reference, window: Window, cfg: MonitorConfig) -> dict:
         out["reason"] = f"{n} samples, fewer than monitor.min_samples {cfg.min_samples}: no verdict"
         return out
     k = len(ref.prior)
-    live = np.bincount(window.pred, minlength=k)[:k] / n
+    counts = np.bincount(window.pred, minlength=k)[:k]
+    live = counts / n
     # A class the reference never predicted gets a pseudo-count, so its appearance counts instead of dividing
     # by zero.
     expected = (ref.prior * len(ref.confidence) + 0.5) / (len(ref.confidence) + 0.5 * k)
-    counts = np.bincount(window.pred, minlength=k)[:k]
     p_pred = float(chisquare(counts, expected * counts.sum()).pvalue)
     checks = {"prediction": (float(0.5 * np.abs(live - ref.prior).sum()), p_pred, cfg.max_prediction_shift)}
     _, p_conf = _ks(window.confidence, ref.confidence)
     drop = float(ref.confidence.mean() - window.confidence.mean())
     checks["confidence"] = (drop, p_conf, cfg.max_confidence_drop)
-    stats = [_ks(window.inputs[:, j], ref.inputs[:, j]) for j in range(ref.inputs.shape[1])]
-    checks["input"] = (
-        max(s for s, _ in stats),
-        min(1.0, min(p for _, p in stats) * len(stats)),
-        cfg.max_input_shift,
-    )
-    projected = ref.project(window.embeddings)
-    comps = [_ks(projected[:, j], ref.projected[:, j]) for j in range(projected.shape[1])]
+    checks["input"] = (*_ks_columns(window.inputs, ref.inputs), cfg.max_input_shift)
     checks["embedding"] = (
-        max(s for s, _ in comps),
-        min(1.0, min(p for _, p in comps) * len(comps)),
+        *_ks_columns(ref.project(window.embeddings), ref.projected),
         cfg.max_embedding_shift,
     )
     for name, (effect, p, threshold) in checks.items():

@@ -156,6 +156,11 @@ class Check:
         }
 
 
+def slice_accuracy(probs_of, data: Dataset) -> float:
+    """Share of `data` a model (`probs_of`: pixels -> class probabilities) gets right."""
+    return float((probs_of(data.x).argmax(axis=1) == data.y).mean())
+
+
 def champion_scores(
     store: Store, name: str, test: Dataset, cfg: EvaluateConfig, feedback: Dataset | None = None
 ) -> dict | None:
@@ -183,8 +188,9 @@ def champion_scores(
         probs = predict_proba(model, test.x).numpy()
         champion["metrics"] = quality_metrics(probs, test.y, test.classes, cfg)
         if feedback is not None:
-            pred = predict_proba(model, feedback.x).numpy().argmax(axis=1)
-            champion["metrics"]["feedback_accuracy"] = float((pred == feedback.y).mean())
+            champion["metrics"]["feedback_accuracy"] = slice_accuracy(
+                lambda x: predict_proba(model, x).numpy(), feedback
+            )
     return champion
 
 

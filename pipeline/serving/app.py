@@ -168,12 +168,12 @@ def create_app(
         if root is not None and params.monitor.sample_fraction > 0:
             from pipeline.serving.sampling import Sampler
 
-            state["sampler"] = Sampler(params.monitor, root / params.monitor.folder, metrics)
+            folder = root / params.monitor.folder
+            state["sampler"] = Sampler(params.monitor, folder, metrics)
             if cfg.shadow:
                 from pipeline.serving.shadow import Shadow
 
                 challenger = ModelSlot(slot.store, name, alias=CHALLENGER)
-                folder = root / params.monitor.folder
                 state["shadow"] = Shadow(
                     challenger, cfg.shadow_queue, folder, params.monitor.flush_s, metrics
                 )

@@ -32,8 +32,9 @@ class Sampler(Worker):
         self.metrics = metrics
         self._lock = threading.Lock()
         self._pending: dict[str, tuple] = {}  # request id -> its rows, until written
+        self._pending_rows = 0  # images in _pending: checked after every request, so not recounted
         self._where: collections.OrderedDict[str, Path] = collections.OrderedDict()
-        self._rolling: collections.deque = collections.deque()  # (version, reference, Window) per request
+        self._rolling: collections.deque = collections.deque()  # (version, Window) per request
         self._rolling_rows = 0
         self._since_figures = 0
         self._seq = 0
@@ -76,14 +77,13 @@ class Sampler(Worker):
                     first = first or item[0]
                     self._take(*item)
                 if self._pending and (
-                    sum(len(r[3]) for r in self._pending.values()) >= self.cfg.shard_samples
-                    or time.time() - first >= self.cfg.flush_s
+                    self._pending_rows >= self.cfg.shard_samples or time.time() - first >= self.cfg.flush_s
                 ):
                     self._flush()
                     first = None
             except Exception as err:  # noqa: BLE001 - whatever one sample does, sampling goes on
                 with self._lock:
-                    lost = sum(len(r[3]) for r in self._pending.values())
+                    lost, self._pending_rows = self._pending_rows, 0
                     self._pending.clear()
                 self.metrics.samples_dropped.inc(lost)
                 first = None
@@ -99,13 +99,14 @@ class Sampler(Worker):
         conf = probs.max(axis=1)
         with self._lock:
             self._pending[request] = (when, request, served.version, x, pred, conf, embeddings)
+            self._pending_rows += len(x)
         self.metrics.samples.inc(len(x))
         if served.reference is not None:
             window = drift.Window(pred, conf, drift.input_stats(x), embeddings)
-            self._rolling.append((served.version, served.reference, window))
+            self._rolling.append((served.version, window))
             self._rolling_rows += len(x)
-            while self._rolling_rows - len(self._rolling[0][2]) >= self.cfg.window:
-                self._rolling_rows -= len(self._rolling.popleft()[2])
+            while self._rolling_rows - len(self._rolling[0][1]) >= self.cfg.window:
+                self._rolling_rows -= len(self._rolling.popleft()[1])
             self._since_figures += len(x)
             if self._since_figures >= self.cfg.metrics_every:
                 self._since_figures = 0
@@ -113,7 +114,7 @@ class Sampler(Worker):
 
     def _figures(self, version: str, reference: drift.Reference) -> None:
         """Drift of the newest `monitor.window` samples of the served version, as gauges."""
-        parts = [w for v, _, w in self._rolling if v == version]
+        parts = [w for v, w in self._rolling if v == version]
         if not parts:
             return
         window = drift.Window(*(np.concatenate(a) for a in zip(*(
@@ -156,7 +157,8 @@ class Sampler(Worker):
             path = None
         with self._lock:
             for r in rows:
-                self._pending.pop(r[1], None)
+                gone = self._pending.pop(r[1], None)
+                self._pending_rows -= len(gone[3]) if gone is not None else 0
                 if path is not None:
                     self._where[r[1]] = path
             while len(self._where) > REMEMBERED:

@@ -35,7 +35,7 @@ def run(params: Params, root: Path) -> dict:
         quality["n_params"] = sum(p.numel() for p in model.parameters())
         quality["model_mb"] = (root / paths.MODEL_DIR / model_io.WEIGHTS).stat().st_size / 1e6
         if feedback is not None:
-            quality["feedback_accuracy"] = float((probs_of(feedback.x).argmax(axis=1) == feedback.y).mean())
+            quality["feedback_accuracy"] = evaluate.slice_accuracy(probs_of, feedback)
             quality["feedback_images"] = len(feedback.y)
         perf = evaluate.speed_metrics(probs_of, meta["input_shape"], cfg)
         perf["device"] = str(next(model.parameters()).device)
