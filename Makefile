@@ -1,4 +1,5 @@
 # Two entry points (see README): `make run` and `make test`. Both create .venv on first use and reuse it.
+# `make test-fast` is the quick loop: the code, data and model tests, no servers and no `dvc repro`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
@@ -10,7 +11,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: run test lint bench
+.PHONY: run test test-fast bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,10 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+test-fast: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/pytest -m "not system"
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/repro_timing.py

@@ -61,8 +61,10 @@ def _sum(text: str, name: str) -> float:
 
 def detection_delays(project: Path, n: int = 1000) -> dict:
     """Requests between the start of a distortion and the first flagged window (every 10 samples)."""
-    from pipeline import drift, live, monitor, tracking
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
+    from pipeline.monitoring import drift, shards
+    from pipeline.monitoring import report as monitor
+    from pipeline.registry import store as tracking
 
     set_param(project, "monitor.sample_fraction", 1.0)
     set_param(project, "serve.shadow", False)
@@ -83,7 +85,7 @@ def detection_delays(project: Path, n: int = 1000) -> dict:
             time.sleep(1.0)
         finally:
             server.stop()
-        rows = live.read_latest(project / "data/live", live.SAMPLES)
+        rows = shards.read_latest(project / "data/live", shards.SAMPLES)
         version = str(rows["version"][-1])
         window = monitor.window_of(rows)
         reference = monitor.reference_of(store, NAME, version)

@@ -22,10 +22,10 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import guard  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
+from pipeline.core.config import load_params  # noqa: E402
+from pipeline.release import guard  # noqa: E402
 from pipeline.serving.client import free_port  # noqa: E402
-from pipeline.stack import Stack  # noqa: E402
+from pipeline.stack.services import Stack  # noqa: E402
 from tests.support import Server, make_project, model_client, set_param, tool_env  # noqa: E402
 
 NAME = "tollgate-classifier"

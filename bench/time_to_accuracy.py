@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import load_profile  # noqa: E402
+from pipeline.core.config import load_profile  # noqa: E402
 from tests.support import (  # noqa: E402
     MNIST_FILES,
     ROOT,
@@ -42,8 +42,8 @@ def test_accuracy_and_flops(project: Path) -> tuple[float, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline import model as model_io
-    from pipeline.data import load_split
+    from pipeline.data.prepared import load_split
+    from pipeline.training import model as model_io
 
     model, meta = model_io.load(project / "models")
     test = load_split(project / "data" / "prepared", "test")

@@ -10,13 +10,13 @@ from pathlib import Path
 from prefect import flow
 from prefect.states import Completed
 
-from pipeline.config import load_params
-from pipeline.paths import PARAMS
+from pipeline.core.config import load_params
+from pipeline.core.paths import PARAMS
 
 
 @flow(name="drift-check", log_prints=True)
 def drift_check(root: str = "."):
-    from pipeline import monitor
+    from pipeline.monitoring import report as monitor
 
     root_path = Path(root).resolve()
     params = load_params(root_path / PARAMS)

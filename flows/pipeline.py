@@ -22,9 +22,11 @@ from prefect import flow, task
 from prefect.states import Completed, Failed
 from prefect.tasks import exponential_backoff
 
-from pipeline import paths
-from pipeline.config import STAGES, FlowConfig, load_params
-from pipeline.files import read_report, write_bytes
+from pipeline.core import paths
+from pipeline.core.config import STAGES, FlowConfig, load_params
+from pipeline.core.files import read_report, write_bytes
+from pipeline.evaluation.verdict import Verdict
+from pipeline.release.results import Promotion, Registration
 
 
 class StageError(RuntimeError):
@@ -38,9 +40,9 @@ def _cause(stage: str, root: Path) -> str:
         if failures:
             return "data validation failed: " + "; ".join(failures)
     if stage == "promote":
-        reason = read_report(root / paths.PROMOTION).get("reason")
-        if reason:
-            return "promotion failed: " + reason
+        promotion = Promotion.read(root / paths.PROMOTION)
+        if promotion and promotion.reason:
+            return "promotion failed: " + promotion.reason
     return f"stage {stage} failed (see its output above)"
 
 
@@ -101,7 +103,8 @@ def run_stage(stage: str, root: str, force: bool = False, timeout_s: float | Non
             if expired.is_set():
                 msg = f"stage {stage} timed out after {timeout_s:g} s (flow.timeout_s)"
                 raise StageTimeout(msg) from None
-            fenced = stage == "promote" and read_report(Path(root) / paths.PROMOTION).get("fenced")
+            promotion = Promotion.read(Path(root) / paths.PROMOTION) if stage == "promote" else None
+            fenced = promotion is not None and promotion.fenced is not None
             raise (StageFenced if fenced else StageError)(_cause(stage, Path(root))) from None
     return bool(ran)
 
@@ -126,24 +129,24 @@ def publish_artifacts(stage: str, root: Path) -> None:
             markdown=(root / paths.GATE_MARKDOWN).read_text(),
             description="gate verdict for this candidate",
         )
-    elif stage == "register" and (reg := read_report(root / paths.REGISTRATION)):
+    elif stage == "register" and (reg := Registration.read(root / paths.REGISTRATION)):
         text = (
-            f"Registered **{reg['model_uri']}** (MLflow run `{reg['run_id']}`), alias @challenger."
-            if reg["registered"]
-            else "Not registered: " + "; ".join(reg["reasons"])
+            f"Registered **{reg.model_uri}** (MLflow run `{reg.run_id}`), alias @challenger."
+            if reg.registered
+            else "Not registered: " + "; ".join(reg.reasons)
         )
         create_markdown_artifact(key="registration", markdown=text, description="model registry hand-off")
 
 
 def outcome(root: Path) -> str:
     """One line on what the run decided, from the gate and promotion reports."""
-    verdict = read_report(root / paths.GATE_REPORT)
-    promotion = read_report(root / paths.PROMOTION)
-    if verdict and not verdict.get("passed"):
-        return "rejected: " + "; ".join(verdict["reasons"])
-    if promotion.get("promoted"):
-        return f"promoted v{promotion['version']}"
-    return promotion.get("reason", "no promotion recorded")
+    verdict = Verdict.read(root / paths.GATE_REPORT)
+    promotion = Promotion.read(root / paths.PROMOTION)
+    if verdict and not verdict.passed:
+        return "rejected: " + "; ".join(verdict.reasons)
+    if promotion is None:
+        return "no promotion recorded"
+    return f"promoted v{promotion.version}" if promotion.promoted else promotion.line()
 
 
 def set_params(root: Path, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +155,7 @@ def set_params(root: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     import yaml
     from dvc.utils.serialize import modify_yaml
 
-    from pipeline.config import set_dotted, with_overrides
+    from pipeline.core.config import set_dotted, with_overrides
 
     path = root / paths.PARAMS
     with_overrides(yaml.safe_load(path.read_text()) or {}, overrides, "flow parameters")
@@ -189,13 +192,13 @@ def _link_mlflow(root: Path) -> None:
     """The registered version and its MLflow run, as a link when the tracking server has a web UI."""
     from prefect.artifacts import create_link_artifact
 
-    reg = read_report(root / paths.REGISTRATION)
+    reg = Registration.read(root / paths.REGISTRATION)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or load_params(root / paths.PARAMS).mlflow.tracking_uri
-    if reg.get("registered") and uri.startswith("http"):
+    if reg and reg.registered and uri.startswith("http"):
         create_link_artifact(
             key="mlflow-run",
-            link=f"{uri.rstrip('/')}/#/models/{reg['name']}/versions/{reg['version']}",
-            link_text=f"{reg['name']} v{reg['version']} (run {reg['run_id']})",
+            link=f"{uri.rstrip('/')}/#/models/{reg.name}/versions/{reg.version}",
+            link_text=f"{reg.name} v{reg.version} (run {reg.run_id})",
         )
 
 
@@ -231,7 +234,8 @@ def training_pipeline(root: str = ".", force: bool = False, params: dict[str, An
         try:
             state = _run_stages(root_path, force, cfg, ran)
         finally:
-            kept = "promote" in ran and bool(read_report(root_path / paths.PROMOTION).get("promoted"))
+            promotion = Promotion.read(root_path / paths.PROMOTION)
+            kept = "promote" in ran and promotion is not None and promotion.promoted
             if params and not kept:
                 write_bytes(root_path / paths.PARAMS, original)
         if params:
@@ -285,31 +289,32 @@ def _run_stages(root: Path, force: bool, cfg: FlowConfig, ran: list[str]):
 def promote_flow(root: str = ".", version: str | None = None):
     """Make `version` (default: the one the last run registered) @champion, verified on the serving
     target: the code `tollgate promote` runs."""
-    from pipeline import tracking
-    from pipeline.promote import PromotionError, promote
+    from pipeline.registry.store import connect
+    from pipeline.release.promote import PromotionError, promote
 
     root_path = Path(root).resolve()
     params = load_params(root_path / paths.PARAMS)
-    version = version or str(read_report(root_path / paths.REGISTRATION).get("version") or "")
+    registered = Registration.read(root_path / paths.REGISTRATION)
+    version = version or (registered.version if registered else None)
     if not version:
         return Failed(message="no version given and no registered candidate in reports/registration.json")
     try:
-        result = promote(tracking.connect(params, root_path), params, root_path, version)
+        result = promote(connect(params, root_path), params, root_path, version)
     except PromotionError as err:
         return Failed(message=str(err))
-    return Completed(message=result["summary"])
+    return Completed(message=result.line())
 
 
 @flow(name="rollback")
 def rollback_flow(root: str = ".", to: str | None = None):
     """Restore an earlier champion (default @previous), verified on the serving target like a promotion."""
-    from pipeline import tracking
-    from pipeline.promote import PromotionError, rollback
+    from pipeline.registry.store import connect
+    from pipeline.release.promote import PromotionError, rollback
 
     root_path = Path(root).resolve()
     params = load_params(root_path / paths.PARAMS)
     try:
-        result = rollback(tracking.connect(params, root_path), params, root_path, to)
+        result = rollback(connect(params, root_path), params, root_path, to)
     except PromotionError as err:
         return Failed(message=str(err))
-    return Completed(message=result["summary"])
+    return Completed(message=result.summary)

@@ -25,17 +25,20 @@ TWO_VERSIONS = {"test_serve", "test_promotion", "test_replicas", "test_torchserv
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the node ids
 def pytest_collection_modifyitems(items) -> None:
     """Under pytest-xdist (`--dist loadgroup`), a module's tests stay on one worker: their module-scoped
-    fixtures (a project, a server, the team stack) are built once."""
+    fixtures (a project, a server, the team stack) are built once. Everything under tests/system/ is marked
+    `system` (real servers, `dvc repro`): `make test-fast` leaves it out."""
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
         item.add_marker(pytest.mark.xdist_group("two_versions" if module in TWO_VERSIONS else module))
+        if item.module.__name__.startswith("tests.system."):
+            item.add_marker(pytest.mark.system)
 
 
 @pytest.fixture(scope="session")
 def prepared_digits(tmp_path_factory) -> Path:
     """The default dataset prepared once, for tests of the steps that read it."""
-    from pipeline.config import load_params
-    from pipeline.data import prepare
+    from pipeline.core.config import load_params
+    from pipeline.data.prepared import prepare
 
     params = load_params(ROOT / "params.yaml")
     out = tmp_path_factory.mktemp("prepared") / "prepared"

@@ -3,6 +3,7 @@ real `tollgate serve` process."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -34,6 +35,20 @@ def tool_env(project: Path | None = None) -> dict[str, str]:
     if project is not None and (project / "pipeline").is_dir():
         env["PYTHONPATH"] = str(project)
     return env
+
+
+@functools.cache
+def shipped_params():
+    from pipeline.core.config import load_params
+
+    return load_params(ROOT / "params.yaml")
+
+
+def config(section: str, **values):
+    """A section of the shipped params.yaml with `values` changed, checked like params.yaml: tests start
+    from the values users get, the only place they live (the typed config has no defaults)."""
+    current = getattr(shipped_params(), "validate_" if section == "validate" else section)
+    return type(current).model_validate({**current.model_dump(), **values})
 
 
 def repo_files() -> list[str]:
@@ -99,7 +114,7 @@ def set_param(project: Path, dotted: str, value: object) -> None:
     """Edit params.yaml the way a user would, keeping the rest of the file."""
     import yaml
 
-    from pipeline.config import set_dotted
+    from pipeline.core.config import set_dotted
 
     path = project / "params.yaml"
     params = yaml.safe_load(path.read_text())

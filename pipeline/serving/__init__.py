@@ -1,8 +1,10 @@
 """The serving target (`tollgate serve`) and its client.
 
-`app` routes and process, `protocols` request parsing, `batching` the model slot and dynamic batching,
-`metrics` Prometheus, `transport` connection deadlines, `state` the server's published address, `client`
-what promotion and infra validation use to reach a server (no web framework imported).
+`app` assembles the server from `routes` over one `context`; `protocols` parses requests, `batching` holds
+the model slot and dynamic batches, `follow` keeps it on the alias, `prometheus` counts, `transport` sets
+connection deadlines, `sampling` and `shadow` watch live traffic off the request path, `state` publishes
+the server's address, and `client` is what promotion and infra validation use to reach a server (no web
+framework imported).
 """
 
 

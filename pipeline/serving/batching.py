@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline import drift, failpoints
-from pipeline import model as model_io
-from pipeline.config import ServeConfig
-from pipeline.model import Classifier, predict_proba
-from pipeline.serving.metrics import Metrics
-from pipeline.tracking import CHAMPION, Store
+from pipeline.core import failpoints
+from pipeline.core.config import ServeConfig
+from pipeline.monitoring import drift
+from pipeline.registry.store import CHAMPION, Store
+from pipeline.serving.prometheus import Metrics
+from pipeline.training import model as model_io
+from pipeline.training.model import Classifier, predict_proba
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Request protocols: bodies read within bounds, then parsed into model pixels (N, H, W, C) float32.
 
-MLflow scoring (`{"inputs" | "instances": pixels}`), the Open Inference Protocol v2 (one typed, flat tensor),
-and image files (raw bytes or a multipart upload) decoded by `pipeline.images`, the function prepare uses.
+MLflow scoring (`{"inputs" | "instances": pixels}`), the Open Inference Protocol v2 (one typed, flat
+tensor), and image files (raw bytes or a multipart upload) decoded by `pipeline.data.images`, the function
+prepare uses.
 Everything here is plain functions over bytes and parsed JSON, so it is tested without a server; a bad
 request raises `Refused` with the HTTP status and a message saying what was expected.
 """
@@ -13,7 +14,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import orjson
 
-from pipeline.images import TooLarge, decode
+from pipeline.data.images import TooLarge, decode
 
 # The last is what `curl --data-binary @digit.png` sends by default; the decoder checks the bytes anyway.
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream", "application/x-www-form-urlencoded")

@@ -1,8 +1,9 @@
 """Live sampling off the request path: a request picked with probability `monitor.sample_fraction` hands
 its model input, prediction and embeddings to a bounded queue (never waiting: when the queue is full the
-sample is dropped and counted), and one writer thread turns the queue into shards (pipeline/live.py),
-applies the size bound and retention, keeps the rolling drift figures of `/metrics` current, and remembers
-where each sampled request went so that `POST /feedback` can find its input.
+sample is dropped and counted), and one writer thread turns the queue into shards
+(pipeline/monitoring/shards.py), applies the size bound and retention, keeps the rolling drift figures of
+`/metrics` current, and remembers where each sampled request went so that `POST /feedback` can find its
+input.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import drift, failpoints, live
-from pipeline.config import MonitorConfig
-from pipeline.serving.metrics import Metrics
+from pipeline.core import failpoints
+from pipeline.core.config import MonitorConfig
+from pipeline.monitoring import drift, shards
+from pipeline.serving.prometheus import Metrics
 from pipeline.serving.worker import STOP, Worker
 
 # Request ids remembered for feedback; older ones are answered 404 (their samples are usually gone too).
@@ -58,7 +60,7 @@ class Sampler(Worker):
         if path is None:
             return None
         try:
-            shard = live.read_shard(path)
+            shard = shards.read_shard(path)
         except (OSError, ValueError):  # removed by retention
             return None
         keep = shard["request"] == request
@@ -94,7 +96,7 @@ class Sampler(Worker):
 
     def _take(self, when: float, request: str, served, x, probs, embeddings) -> None:
         failpoints.reach("sampler:take")
-        x = live.model_input(x)
+        x = shards.model_input(x)
         pred = probs.argmax(axis=1)
         conf = probs.max(axis=1)
         with self._lock:
@@ -134,7 +136,7 @@ class Sampler(Worker):
             groups.setdefault((r[3].shape[1:], r[3].dtype.str, r[6].shape[1:]), []).append(r)
         for rows in groups.values():
             self._write(rows)
-        live.enforce_retention(self.folder, self.cfg.max_mb * 1e6, self.cfg.retention_h * 3600)
+        shards.enforce_retention(self.folder, self.cfg.max_mb * 1e6, self.cfg.retention_h * 3600)
 
     def _write(self, rows: list) -> None:
         columns = {
@@ -148,9 +150,9 @@ class Sampler(Worker):
             "time": np.concatenate([np.full(len(r[3]), r[0]) for r in rows]),
         }
         self._seq += 1
-        path = live.shard_path(self.folder, live.SAMPLES, rows[0][0], self._seq)
+        path = shards.shard_path(self.folder, shards.SAMPLES, rows[0][0], self._seq)
         try:
-            live.write_shard(path, columns)
+            shards.write_shard(path, columns)
         except OSError as err:  # a full disk must not take serving down: count and go on
             self.metrics.samples_dropped.inc(len(columns["x"]))
             print(f"[tollgate] cannot write live samples to {path}: {err}", flush=True)

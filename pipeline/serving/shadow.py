@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import failpoints, live
+from pipeline.core import failpoints
+from pipeline.monitoring import shards
+from pipeline.registry.store import CHALLENGER
 from pipeline.serving.batching import ModelSlot, NoModel
-from pipeline.serving.metrics import Metrics
+from pipeline.serving.prometheus import Metrics
 from pipeline.serving.worker import STOP, Worker
-from pipeline.tracking import CHALLENGER
+from pipeline.training.model import predict_proba
 
 
 class Shadow(Worker):
@@ -68,8 +70,6 @@ class Shadow(Worker):
                 print(f"[tollgate] shadow: {type(err).__name__}: {err}", flush=True)
 
     def _score(self, when: float, request: str, served, x: np.ndarray, probs: np.ndarray) -> None:
-        from pipeline.model import predict_proba
-
         challenger = self._challenger()
         if challenger is None or challenger.version == served.version:
             return  # nothing to compare: no challenger, or it is the champion itself
@@ -112,6 +112,8 @@ class Shadow(Worker):
         self._seq += 1
         columns = {k: np.array([r[k] for r in rows]) for k in rows[0]}
         try:
-            live.write_shard(live.shard_path(self.folder, live.SHADOW, rows[0]["time"], self._seq), columns)
+            shards.write_shard(
+                shards.shard_path(self.folder, shards.SHADOW, rows[0]["time"], self._seq), columns
+            )
         except OSError as err:
             print(f"[tollgate] shadow: cannot write records: {err}", flush=True)

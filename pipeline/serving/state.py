@@ -14,8 +14,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline import paths
-from pipeline.files import write_json
+from pipeline.core import paths
+from pipeline.core.files import write_json
 
 
 @dataclass(frozen=True)

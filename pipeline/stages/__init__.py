@@ -1,6 +1,7 @@
 """The six DVC stages as thin adapters, one module each (`pipeline.stages.<stage>`), each with
 `run(params, root) -> dict`: read the stage's inputs, call the pure step, persist its outputs, hand the
-results to tracking. What a stage computes lives in the module named after it in `pipeline/`.
+results to the registry. What a stage computes lives in its domain's folder (pipeline/data,
+pipeline/training, pipeline/evaluation, pipeline/release).
 
 Every stage runs in its own process (`tollgate <stage>`, as dvc.yaml says), so a module imports only what
 its stage needs: `tollgate prepare` never pays for torch or mlflow. Each stage process holds
@@ -18,12 +19,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline import paths
-from pipeline.config import STAGES, Params
-from pipeline.files import locked
+from pipeline.core import paths
+from pipeline.core.config import STAGES, Params
+from pipeline.core.errors import Failure
+from pipeline.core.files import locked
 
 
-class StageFailed(RuntimeError):
+class StageFailed(Failure):
     """A stage refuses to continue (bad data, failed promotion); the message names the cause."""
 
 
@@ -63,7 +65,7 @@ def run(name: str, params: Params, root: Path) -> dict:
 def worker_main(name: str) -> None:
     """`python -m pipeline.stages.<name>` without the stage lock: for processes that a stage process
     started itself and that hold no lock of their own (torchrun's training workers)."""
-    from pipeline.config import ConfigError, load_params
+    from pipeline.core.config import ConfigError, load_params
 
     root = Path.cwd()
     try:

@@ -1,13 +1,13 @@
-"""prepare: the source's images, split and written as arrays with a manifest (pipeline/data.py)."""
+"""prepare: the source's images, split and written as arrays with a manifest (pipeline/data/prepared.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import paths
-from pipeline.config import Params
-from pipeline.data import prepare
-from pipeline.sources import SourceError
+from pipeline.core import paths
+from pipeline.core.config import Params
+from pipeline.data.prepared import prepare
+from pipeline.data.sources import SourceError
 from pipeline.stages import StageFailed, log, work
 
 

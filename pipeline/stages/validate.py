@@ -1,15 +1,15 @@
-"""validate: the Great Expectations suite over the prepared data (pipeline/validate.py); a refusal stops
-the pipeline here, with its report in MLflow."""
+"""validate: the Great Expectations suite over the prepared data (pipeline/data/expectations.py); a refusal
+stops the pipeline here, with its report in MLflow."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import paths
-from pipeline.config import Params
-from pipeline.files import atomic_dir, write_json
+from pipeline.core import paths
+from pipeline.core.config import Params
+from pipeline.core.files import atomic_dir, write_json
+from pipeline.data.expectations import DOCS_INDEX, run_suite
 from pipeline.stages import StageFailed, log, work
-from pipeline.validate import DOCS_INDEX, run_suite
 
 
 def run(params: Params, root: Path) -> dict:
@@ -23,10 +23,10 @@ def run(params: Params, root: Path) -> dict:
         write_json(root / paths.VALIDATION_REPORT, report)
         log(f"data validation passed: {n} checks ({len(report['warnings'])} warnings)")
         return report
-    from pipeline import tracking
+    from pipeline.registry import runs, store
 
-    report["mlflow_run_id"] = tracking.log_refused_data(
-        tracking.connect(params, root), report, root / paths.DATA_DOCS
+    report["mlflow_run_id"] = runs.log_refused_data(
+        store.connect(params, root), report, root / paths.DATA_DOCS
     )
     write_json(root / paths.VALIDATION_REPORT, report)
     lines = "\n".join(f"  - {f}" for f in report["failures"])

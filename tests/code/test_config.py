@@ -2,7 +2,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from pipeline.config import (
+from pipeline.core.config import (
     ConfigError,
     Params,
     load_params,
@@ -50,7 +50,38 @@ def test_bad_params_fail_naming_the_key(patch, key, why):
 
 
 def test_ints_are_accepted_where_floats_are_expected():
-    assert parse_params({"train": {"lr": 1}}).train.lr == 1.0
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert parse_params(with_overrides(raw, {"train.lr": 1})).train.lr == 1.0
+
+
+def _fields(model: type[BaseModel], prefix: str = ""):
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        yield key, field
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _fields(field.annotation, key + ".")
+
+
+def test_every_value_lives_in_params_yaml_alone():
+    # A default in the typed config would be a second copy of a value params.yaml spells out.
+    defaults = [key for key, field in _fields(Params) if not field.is_required()]
+    assert not defaults, f"defaults in pipeline/core/config.py (params.yaml is their one home): {defaults}"
+
+
+def test_a_missing_key_fails_naming_it():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del raw["train"]["epochs"]
+    with pytest.raises(ConfigError, match="train.epochs: missing"):
+        parse_params(raw)
+
+
+def test_a_moved_key_fails_naming_where_it_went():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["serve"]["target"] = raw["promote"].pop("target")
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    assert "serve.target: moved to promote.target" in str(err.value)
+    assert "promote.target: missing" in str(err.value)
 
 
 def test_non_mapping_is_rejected(tmp_path):

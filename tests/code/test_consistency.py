@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import codegraph, paths
-from pipeline.config import STAGES, load_params
+from pipeline.core import codegraph, paths
+from pipeline.core.config import STAGES, load_params
 from tests.support import ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -104,19 +104,31 @@ def test_each_stage_depends_on_exactly_the_modules_it_runs():
         runs = set(codegraph.files(_stage_modules(name)))
         assert not runs - listed, f"stage {name}: dvc.yaml lacks deps {sorted(runs - listed)}"
         assert not listed - runs, f"stage {name}: dvc.yaml lists deps it does not run {sorted(listed - runs)}"
-    shared = {"pipeline/config.py", "pipeline/paths.py", "pipeline/files.py", "pipeline/stages/__init__.py"}
+    shared = {
+        "pipeline/core/config.py",
+        "pipeline/core/paths.py",
+        "pipeline/core/files.py",
+        "pipeline/stages/__init__.py",
+    }
     for name, stage in DVC["stages"].items():
         assert shared <= set(stage["deps"]), name
 
 
 def test_the_module_graph_follows_lazy_imports_and_process_entry_points():
     modules = codegraph.closure(["pipeline.stages.register"])
-    assert "pipeline.mlflow_model" in modules  # handed to MLflow as model-from-code
+    assert "pipeline.registry.pyfunc" in modules  # handed to MLflow as model-from-code
     assert "pipeline.serving.app" in modules  # infra validation starts it as a process
-    assert "pipeline.validate" not in modules and "pipeline.cli" not in modules
+    assert "pipeline.data.expectations" not in modules and "pipeline.cli" not in modules
     # imported inside a function
-    assert "pipeline.tracking" in codegraph.closure(["pipeline.stages.validate"])
+    assert "pipeline.registry.runs" in codegraph.closure(["pipeline.stages.validate"])
     assert "pipeline" not in modules  # a package __init__ with no code is no dependency
+
+
+def test_registration_runs_no_promotion_code():
+    # Editing a serving target, the guard or promotion must not re-run infra validation.
+    modules = codegraph.closure(["pipeline.stages.register"])
+    assert not {m for m in modules if m.startswith("pipeline.release.targets")}, sorted(modules)
+    assert "pipeline.release.guard" not in modules and "pipeline.release.promote" not in modules
 
 
 # Where results are recorded and how machines take turns or follow, not what the results are: moving the
@@ -131,7 +143,7 @@ WHERE_NOT_WHAT = {
     "registry.guard_timeout_s",
     "registry.guard_lease_s",
     "serve.follow_interval_s",
-    "serve.replicas",
+    "promote.replicas",
 }
 ALIASES = {"validate_": "validate"}
 
@@ -144,7 +156,9 @@ def _params_read(modules: set[str]) -> set[str]:
         tree = ast.parse(codegraph.module_file(module).read_text())
         parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         for node in ast.walk(tree):
-            if not (isinstance(node, ast.Name) and node.id == "params"):
+            # `params.x`, and `self.params.x` / `ctx.params.x` where a class or context holds them
+            named = isinstance(node, ast.Name) and node.id == "params"
+            if not (named or (isinstance(node, ast.Attribute) and node.attr == "params")):
                 continue
             chain, top = [], node
             while isinstance(parent.get(top), ast.Attribute):

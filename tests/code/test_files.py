@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from pipeline.files import atomic_dir, write_bytes, write_json, write_text
+from pipeline.core.files import atomic_dir, write_bytes, write_json, write_text
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from pipeline.registry import pip_requirements
+from pipeline.registry.versions import pip_requirements
 from tests.support import ROOT
 
 # Run in a fresh interpreter: every `import` statement executed by a module of the `pipeline` package is
@@ -25,7 +25,8 @@ def spy(name, globals=None, locals=None, fromlist=(), level=0):
 builtins.__import__ = spy
 
 import numpy as np
-from pipeline import mlflow_model, model
+from pipeline.registry import pyfunc as mlflow_model
+from pipeline.training import model
 for arch in ("small_cnn", "resnet18"):
     meta = {"arch": arch, "width": 4, "input_shape": [8, 8, 1], "classes": ["a", "b"],
             "normalization": {"mean": [0.5], "std": [0.25]}}

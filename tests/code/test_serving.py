@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.config import load_params
+from pipeline.core.config import load_params
 from pipeline.serving import protocols
 from pipeline.serving.protocols import Refused
 from tests.support import ROOT
@@ -24,9 +24,9 @@ TOKEN = "s3cret-token"
 
 def _app(**serve):
     """An app serving an untrained digits-shaped model; `serve` overrides params.yaml's serve section."""
-    from pipeline.model import build
     from pipeline.serving.app import create_app
     from pipeline.serving.batching import ModelSlot, Served
+    from pipeline.training.model import build
 
     params = load_params(ROOT / "params.yaml")
     params = params.model_copy(update={"serve": params.serve.model_copy(update=serve)})

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from pipeline.stack import COMPOSE, client_environment, server_commands, server_environments
+from pipeline.stack.services import COMPOSE, client_environment, server_commands, server_environments
 from tests.support import ROOT
 
 COMPOSE_FILE = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())

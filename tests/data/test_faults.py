@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import paths, stages
-from pipeline.config import load_params, parse_params
-from pipeline.files import load_json
+from pipeline import stages
+from pipeline.core import paths
+from pipeline.core.config import load_params, parse_params
+from pipeline.core.files import load_json
 from tests.support import ROOT, model_client, write_image, write_image_folder
 
 

@@ -4,10 +4,10 @@ like any other files."""
 import numpy as np
 import pytest
 
-from pipeline import live
-from pipeline.config import load_params
-from pipeline.data import load_split, prepare
-from pipeline.sources import SourceError, load_digits
+from pipeline.core.config import load_params
+from pipeline.data.prepared import load_split, prepare
+from pipeline.data.sources import SourceError, load_digits
+from pipeline.monitoring import feedback
 from tests.support import ROOT
 
 
@@ -16,7 +16,7 @@ def _feedback(folder, n_per_class: int = 10, classes=("3", "7")) -> None:
     for k, label in enumerate(classes):
         rows = np.flatnonzero(digits.y == (int(label) if label.isdigit() else k))[:n_per_class]
         for i, row in enumerate(rows):
-            live.save_feedback(folder, label, f"req{label}x{i:03d}", 0, 255 - digits.x[row])
+            feedback.save_feedback(folder, label, f"req{label}x{i:03d}", 0, 255 - digits.x[row])
 
 
 def _params(feedback: bool):
@@ -44,11 +44,11 @@ def test_feedback_joins_train_and_its_newest_form_a_slice_while_the_frozen_split
 
 
 def test_malformed_feedback_is_refused_by_validation_naming_the_files(tmp_path):
-    from pipeline.validate import run_suite
+    from pipeline.data.expectations import run_suite
 
     folder = tmp_path / "feedback"
     _feedback(folder)
-    live.save_feedback(folder, "3", "blank", 0, np.zeros((8, 8, 1)))  # a blank "image"
+    feedback.save_feedback(folder, "3", "blank", 0, np.zeros((8, 8, 1)))  # a blank "image"
     (folder / "7" / "notes.txt").write_text("not an image")
     params = _params(True)
     prepare(params.data, params.seed, tmp_path / "prepared", feedback_root=folder)
@@ -68,8 +68,8 @@ def test_feedback_for_a_class_the_data_lacks_is_refused(tmp_path):
 
 def test_a_relabel_replaces_only_that_inputs_file(tmp_path):
     x = np.full((8, 8, 1), 128)
-    live.save_feedback(tmp_path, "3", "b-a", 0, x)
-    live.save_feedback(tmp_path, "3", "a", 0, x)
-    live.save_feedback(tmp_path, "5", "a", 0, x)  # request "a" relabelled: 3 -> 5
-    assert live.feedback_labels(tmp_path) == {("b-a", 0): "3", ("a", 0): "5"}
+    feedback.save_feedback(tmp_path, "3", "b-a", 0, x)
+    feedback.save_feedback(tmp_path, "3", "a", 0, x)
+    feedback.save_feedback(tmp_path, "5", "a", 0, x)  # request "a" relabelled: 3 -> 5
+    assert feedback.feedback_labels(tmp_path) == {("b-a", 0): "3", ("a", 0): "5"}
     assert len(list(tmp_path.rglob("*.png"))) == 2

@@ -2,8 +2,8 @@ import hashlib
 
 import numpy as np
 
-from pipeline.config import DataConfig
-from pipeline.data import SPLITS, channel_stats, load_split, prepare, read_manifest, stratified_split
+from pipeline.data.prepared import SPLITS, channel_stats, load_split, prepare, read_manifest, stratified_split
+from tests.support import config
 
 
 def _digest(folder):
@@ -12,13 +12,13 @@ def _digest(folder):
 
 def test_prepare_is_byte_identical_for_same_inputs_and_seed(prepared_digits, tmp_path):
     again = tmp_path / "again"
-    prepare(DataConfig(), 42, again)
+    prepare(config("data"), 42, again)
     assert _digest(again) == _digest(prepared_digits)
 
 
 def test_another_seed_gives_another_split_and_data_version(prepared_digits, tmp_path):
     other = tmp_path / "other"
-    manifest = prepare(DataConfig(), 7, other)
+    manifest = prepare(config("data"), 7, other)
     assert manifest["data_version"] != read_manifest(prepared_digits)["data_version"]
     assert not np.array_equal(load_split(other, "test").x, load_split(prepared_digits, "test").x)
 
@@ -67,6 +67,6 @@ def test_a_failed_prepare_leaves_the_previous_output_intact(prepared_digits, tmp
 
     monkeypatch.setattr(np, "save", broken_save)
     with pytest.raises(OSError):
-        prepare(DataConfig(), 1, out)
+        prepare(config("data"), 1, out)
     assert _digest(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["prepared"]

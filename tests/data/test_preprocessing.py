@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import DataConfig, load_params
-from pipeline.data import FILES, load_split, prepare, read_manifest
-from tests.support import ROOT
+from pipeline.core.config import load_params
+from pipeline.data.prepared import FILES, load_split, prepare, read_manifest
+from tests.support import ROOT, config
 
 
 def _files(root):
@@ -40,9 +40,9 @@ def _served_inputs(meta: dict, bodies: list[bytes]) -> list[np.ndarray]:
     """What the model receives when each body is POSTed to /predict of an in-process server."""
     from fastapi.testclient import TestClient
 
-    from pipeline.model import build
     from pipeline.serving.app import create_app
     from pipeline.serving.batching import ModelSlot, Served
+    from pipeline.training.model import build
 
     model = build(meta).eval()
     seen = []
@@ -59,12 +59,14 @@ def _served_inputs(meta: dict, bodies: list[bytes]) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_prepare_and_predict_give_the_model_identical_pixels(tmp_path, channels):
-    from pipeline.model import make_meta
+    from pipeline.training.model import make_meta
 
     root = tmp_path / "images"
     _files(root)
     out = tmp_path / "prepared"
-    prepare(DataConfig(source="imagefolder", root=str(root), image_size=[11, 9], channels=channels), 0, out)
+    prepare(
+        config("data", source="imagefolder", root=str(root), image_size=[11, 9], channels=channels), 0, out
+    )
     manifest = read_manifest(out)
     with open(out / FILES) as f:
         rows = [r for r in csv.DictReader(f) if int(r["index"]) >= 0]

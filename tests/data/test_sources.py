@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from pipeline import stages
-from pipeline.config import DataConfig, ValidateConfig, load_params
-from pipeline.data import FILES, load_split, prepare, read_manifest
-from pipeline.sources import SourceError
-from pipeline.validate import run_suite
-from tests.support import MNIST_FILES, ROOT, link_source_files, write_image_folder
+from pipeline.core.config import load_params
+from pipeline.data.expectations import run_suite
+from pipeline.data.prepared import FILES, load_split, prepare, read_manifest
+from pipeline.data.sources import SourceError
+from tests.support import MNIST_FILES, ROOT, config, link_source_files, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def _digest(folder):
 
 
 def test_mnist_offline_from_original_files_keeps_the_official_test_set(mnist_root, tmp_path):
-    cfg = DataConfig(source="mnist", root=str(mnist_root))
+    cfg = config("data", source="mnist", root=str(mnist_root))
     manifest = prepare(cfg, 42, tmp_path / "a")
     assert manifest["image_shape"] == [28, 28, 1]
     assert sum(manifest["counts"]["test"].values()) == 10_000
@@ -39,7 +39,7 @@ def test_mnist_offline_from_original_files_keeps_the_official_test_set(mnist_roo
         assert manifest["counts"]["val"][c] == round(0.15 * n)
     test = load_split(tmp_path / "a", "test")
     assert np.bincount(test.y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-    report = run_suite(tmp_path / "a", ValidateConfig())
+    report = run_suite(tmp_path / "a", config("validate"))
     assert report["passed"], report["failures"]
     prepare(cfg, 42, tmp_path / "b")
     assert _digest(tmp_path / "b") == _digest(tmp_path / "a")
@@ -47,7 +47,7 @@ def test_mnist_offline_from_original_files_keeps_the_official_test_set(mnist_roo
 
 def test_a_missing_dataset_with_download_off_fails_with_what_to_do(tmp_path):
     params = load_params(ROOT / "params.yaml").model_copy(
-        update={"data": DataConfig(source="fashion_mnist", root="nowhere")}
+        update={"data": config("data", source="fashion_mnist", root="nowhere")}
     )
     with pytest.raises(stages.StageFailed, match="fashion_mnist not found under .*set data.download: true"):
         stages.run("prepare", params, tmp_path)
@@ -57,7 +57,7 @@ def test_a_missing_dataset_with_download_off_fails_with_what_to_do(tmp_path):
 def test_imagefolder_resizes_converts_and_lists_every_file_with_its_checksum(tmp_path):
     root = write_image_folder(tmp_path / "images", per_class=10)
     (root / "left" / "readme.txt").write_text("not an image")
-    cfg = DataConfig(source="imagefolder", root=str(root), image_size=[12, 10], channels=1)
+    cfg = config("data", source="imagefolder", root=str(root), image_size=[12, 10], channels=1)
     manifest = prepare(cfg, 0, tmp_path / "prepared")
     assert manifest["classes"] == ["left", "ring", "top"] and manifest["image_shape"] == [12, 10, 1]
     with open(tmp_path / "prepared" / FILES) as f:
@@ -80,7 +80,9 @@ def test_explicit_split_folders_are_honoured(tmp_path):
     root = tmp_path / "images"
     write_image_folder(root, per_class=10, split="train")
     write_image_folder(root, per_class=3, split="test", seed=1)
-    manifest = prepare(DataConfig(source="imagefolder", root=str(root), image_size=[8, 8]), 0, tmp_path / "p")
+    manifest = prepare(
+        config("data", source="imagefolder", root=str(root), image_size=[8, 8]), 0, tmp_path / "p"
+    )
     assert manifest["counts"]["test"] == {"left": 3, "ring": 3, "top": 3}
     assert manifest["counts"]["val"] == {"left": 2, "ring": 2, "top": 2}  # cut from train/, not from test/
     with open(tmp_path / "p" / FILES) as f:
@@ -90,7 +92,7 @@ def test_explicit_split_folders_are_honoured(tmp_path):
 def test_a_class_folder_named_like_a_split_is_refused_not_taken_for_a_split(tmp_path):
     root = write_image_folder(tmp_path / "images", per_class=4)
     (root / "ring").rename(root / "test")  # a class that happens to be called "test"
-    cfg = DataConfig(source="imagefolder", root=str(root), image_size=[8, 8])
+    cfg = config("data", source="imagefolder", root=str(root), image_size=[8, 8])
     with pytest.raises(
         SourceError,
         match=r"ambiguous layout in .*split folders \(test\) and class folders "
@@ -105,7 +107,7 @@ def test_images_directly_in_a_split_folder_are_refused(tmp_path):
     write_image_folder(root / "train", per_class=4)
     for f in sorted((root / "train" / "left").iterdir())[:2]:
         f.rename(root / "train" / f.name)  # loose files: "train" was meant as a class
-    cfg = DataConfig(source="imagefolder", root=str(root), image_size=[8, 8])
+    cfg = config("data", source="imagefolder", root=str(root), image_size=[8, 8])
     with pytest.raises(SourceError, match=r"train holds files directly \(left_000.png, left_001.png\)"):
         prepare(cfg, 0, tmp_path / "p")
 
@@ -123,6 +125,6 @@ def test_a_crafted_archive_cannot_write_outside_the_data_folder(tmp_path):
         member.size = len(payload)
         tar.addfile(member, io.BytesIO(payload))
     with pytest.raises(SourceError, match="unsafe to unpack"):
-        prepare(DataConfig(source="cifar10", root=str(root)), 0, tmp_path / "p")
+        prepare(config("data", source="cifar10", root=str(root)), 0, tmp_path / "p")
     assert not (tmp_path / "data" / "escaped.txt").exists()
     assert not (root.parent / "escaped.txt").exists()

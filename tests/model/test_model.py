@@ -4,24 +4,25 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import model as model_io
-from pipeline.config import GateConfig, TrainConfig
-from pipeline.data import Dataset, load_split, read_manifest
-from pipeline.evaluate import (
+from pipeline.data.prepared import Dataset, load_split, read_manifest
+from pipeline.evaluation import gate as gating
+from pipeline.evaluation.champion import Champion
+from pipeline.evaluation.metrics import (
     classification_metrics,
     expected_calibration_error,
-    gate,
-    gate_markdown,
     shifted,
     top_k_accuracy,
 )
-from pipeline.train import pick_device, train
+from pipeline.evaluation.verdict import Verdict
+from pipeline.training import model as model_io
+from pipeline.training.loop import pick_device, train
+from tests.support import config
 
 
 @pytest.fixture(scope="module")
 def trained(prepared_digits):
     meta = model_io.make_meta("small_cnn", 16, read_manifest(prepared_digits))
-    cfg = TrainConfig(width=16, epochs=3, threads=1)
+    cfg = config("train", width=16, epochs=3, threads=1)
     result = train(cfg, 0, load_split(prepared_digits, "train"), load_split(prepared_digits, "val"), meta)
     return result, meta
 
@@ -30,7 +31,7 @@ def test_loss_goes_down_on_a_small_real_batch(prepared_digits):
     part = load_split(prepared_digits, "train")
     batch = Dataset(np.asarray(part.x[:64]), part.y[:64], part.classes)
     meta = model_io.make_meta("small_cnn", 8, read_manifest(prepared_digits))
-    result = train(TrainConfig(width=8, epochs=30, batch_size=64, lr=0.01), 0, batch, batch, meta)
+    result = train(config("train", width=8, epochs=30, batch_size=64, lr=0.01), 0, batch, batch, meta)
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < 0.5 * losses[0]
     assert result.history[-1]["train_accuracy"] > 0.8
@@ -47,7 +48,7 @@ def test_training_learns_digits(trained, prepared_digits):
 def test_seeded_training_is_reproducible(prepared_digits, trained):
     result, meta = trained
     again = train(
-        TrainConfig(width=16, epochs=3, threads=1),
+        config("train", width=16, epochs=3, threads=1),
         0,
         load_split(prepared_digits, "train"),
         load_split(prepared_digits, "val"),
@@ -72,7 +73,7 @@ def test_saved_model_reloads_without_pickle_and_predicts_identically(trained, pr
 def test_zero_epochs_gives_an_untrained_model(prepared_digits):
     meta = model_io.make_meta("small_cnn", 8, read_manifest(prepared_digits))
     result = train(
-        TrainConfig(width=8, epochs=0),
+        config("train", width=8, epochs=0),
         0,
         load_split(prepared_digits, "train"),
         load_split(prepared_digits, "val"),
@@ -87,8 +88,17 @@ def test_cpu_machine_never_picks_a_gpu():
     assert pick_device("auto").type in ("cpu", "mps")
 
 
-CFG = GateConfig(min_accuracy=0.9, min_macro_f1=0.9, max_drop=0.01, warn_only=["max_p99_latency_ms"])
+CFG = config("gate", min_accuracy=0.9, min_macro_f1=0.9, max_drop=0.01, warn_only=["max_p99_latency_ms"])
 CLASSES = ["a", "b"]
+
+
+def gate(candidate, classes, cfg, champion) -> dict:
+    """The verdict as the evaluate stage writes it to reports/gate.json."""
+    return gating.gate(candidate, classes, cfg, champion).model_dump(mode="json", by_alias=True)
+
+
+def gate_markdown(verdict: dict) -> str:
+    return Verdict.model_validate(verdict).markdown()
 
 
 def _candidate(**changes):
@@ -136,14 +146,14 @@ def test_a_warn_only_check_reports_without_blocking():
 
 
 def test_gate_blocks_a_regression_against_the_rescored_champion():
-    champion = {"version": "3", "classes": CLASSES, "metrics": {"accuracy": 0.97, "macro_f1": 0.95}}
+    champion = Champion("3", CLASSES, {"accuracy": 0.97, "macro_f1": 0.95})
     verdict = gate(_candidate(accuracy=0.955), CLASSES, CFG, champion)
     assert verdict["reasons"] == ["accuracy vs champion v3 0.9550 < 0.9600"]
     assert gate(_candidate(accuracy=0.961), CLASSES, CFG, champion)["passed"]
 
 
 def test_relative_drop_scales_with_the_champion():
-    champion = {"version": "1", "classes": CLASSES, "metrics": {"accuracy": 0.96, "macro_f1": 0.94}}
+    champion = Champion("1", CLASSES, {"accuracy": 0.96, "macro_f1": 0.94})
     relative = CFG.model_copy(update={"drop_mode": "relative", "max_drop": 0.05})
     floor = next(
         c for c in gate(_candidate(), CLASSES, relative, champion)["checks"] if "accuracy vs" in c["check"]
@@ -152,7 +162,7 @@ def test_relative_drop_scales_with_the_champion():
 
 
 def test_gate_blocks_when_classes_differ_from_the_champion():
-    champion = {"version": "2", "classes": ["a", "c"], "metrics": None}
+    champion = Champion("2", ["a", "c"], None)
     verdict = gate(_candidate(accuracy=0.99), CLASSES, CFG, champion)
     assert not verdict["passed"]
     assert "other classes" in verdict["reasons"][0]

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import model as model_io
-from pipeline.config import TrainConfig
-from pipeline.data import load_split, read_manifest
-from pipeline.train import augment, train
+from pipeline.data.prepared import load_split, read_manifest
+from pipeline.training import model as model_io
+from pipeline.training.loop import augment, train
+from tests.support import config
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def splits(prepared_digits):
 def _fit(prepared_digits, splits, arch="small_cnn", **cfg):
     meta = model_io.make_meta(arch, 8, read_manifest(prepared_digits))
     options = {"width": 8, "epochs": 3, "threads": 1, **cfg}
-    return train(TrainConfig(arch=arch, **options), 0, *splits, meta)
+    return train(config("train", arch=arch, **options), 0, *splits, meta)
 
 
 def test_streaming_from_disk_trains_the_same_model_as_in_memory(prepared_digits, splits):
@@ -82,12 +82,12 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(prepared_digits, splits):
 def test_augmentation_shifts_and_flips_whole_batches_on_the_device():
     x = torch.arange(2 * 4 * 4, dtype=torch.uint8).reshape(2, 4, 4, 1) + 1
     gen = torch.Generator().manual_seed(0)
-    shifted = augment(x, TrainConfig(shift_pixels=1), gen)
+    shifted = augment(x, config("train", shift_pixels=1), gen)
     assert shifted.shape == x.shape and shifted.dtype == torch.uint8
     for img, out in zip(x, shifted, strict=True):  # a translation: every kept pixel appears in the source
         kept = out[out > 0]
         assert set(kept.tolist()) <= set(img.flatten().tolist()) and len(kept) >= 9
-    flipped = augment(x.repeat(32, 1, 1, 1), TrainConfig(flip=True), gen)
+    flipped = augment(x.repeat(32, 1, 1, 1), config("train", flip=True), gen)
     n_flipped = sum(torch.equal(f, x[i % 2].flip(1)) for i, f in enumerate(flipped))
     assert 8 < n_flipped < 56
-    assert torch.equal(augment(x, TrainConfig(), gen), x)
+    assert torch.equal(augment(x, config("train"), gen), x)

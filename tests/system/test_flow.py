@@ -191,7 +191,7 @@ def test_a_second_run_waits_for_the_checkout_lock_and_gives_up_with_a_reason(pre
     from filelock import FileLock
 
     from flows.pipeline import training_pipeline
-    from pipeline.paths import PIPELINE_LOCK
+    from pipeline.core.paths import PIPELINE_LOCK
 
     set_param(flow_project, "flow.lock_timeout_s", 1)
     try:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline import paths
+from pipeline.core import paths
 from tests.support import make_project, model_client, run, set_param, write_image, write_image_folder
 
 pytestmark = pytest.mark.slow

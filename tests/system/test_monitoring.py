@@ -38,11 +38,11 @@ def _prepared(project, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _samples_written(project, n: int, timeout: float = 30) -> dict:
-    from pipeline import live
+    from pipeline.monitoring import shards
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rows = live.read_latest(project / "data" / "live", live.SAMPLES)
+        rows = shards.read_latest(project / "data" / "live", shards.SAMPLES)
         if rows and len(rows["time"]) >= n:
             return rows
         time.sleep(0.2)
@@ -82,8 +82,10 @@ def traffic(project):
 
 
 def test_the_monitor_flags_distorted_traffic_and_not_clean_traffic(project, traffic):
-    from pipeline import drift, monitor, tracking
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
+    from pipeline.monitoring import drift
+    from pipeline.monitoring import report as monitor
+    from pipeline.registry import store as tracking
 
     params = load_params(project / "params.yaml")
     rows = traffic["rows"]
@@ -166,12 +168,12 @@ def test_the_drift_check_deployment_starts_a_retraining_run_only_on_drift(projec
 
     from flows.deployments import deployments
     from flows.monitor import drift_check
-    from pipeline import live
+    from pipeline.monitoring import shards
 
     # a folder holding only the clean traffic, for the "no drift" run
     clean = {k: v[:2000] for k, v in traffic["rows"].items()}
-    live.write_shard(
-        live.shard_path(project / "data" / "live-clean", live.SAMPLES, clean["time"][0], 1), clean
+    shards.write_shard(
+        shards.shard_path(project / "data" / "live-clean", shards.SAMPLES, clean["time"][0], 1), clean
     )
 
     def retraining_runs() -> int:
@@ -239,7 +241,7 @@ def _shadow_server(project, env: dict | None = None) -> Server:
 
 
 def test_shadow_challenger_agreement_and_latency_are_reported(project, traffic):
-    from pipeline import live
+    from pipeline.monitoring.shadow_report import shadow_summary
 
     client = model_client(project)
     champion = str(client.get_model_version_by_alias(NAME, "champion").version)
@@ -262,13 +264,13 @@ def test_shadow_challenger_agreement_and_latency_are_reported(project, traffic):
     print("shadow report:", report)
     assert report["challenger"] == "1" and report["images"] >= 300 and report["errors"] == 0
     assert report["agreement"] > 0.8 and report["latency_ms"]["p99"] > 0
-    assert report == live.shadow_summary(project / "data" / "live", project / "data" / "feedback")
+    assert report == shadow_summary(project / "data" / "live", project / "data" / "feedback")
 
-    set_param(project, "serve.shadow_min_requests", 100_000)
+    set_param(project, "promote.shadow_min_requests", 100_000)
     try:
         proc = run(["tollgate", "promote"], cwd=project, check=False)
     finally:
-        set_param(project, "serve.shadow_min_requests", 0)
+        set_param(project, "promote.shadow_min_requests", 0)
     assert proc.returncode == 1 and "online gate" in proc.stderr
 
 

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 
-from pipeline import paths
+from pipeline.core import paths
 from tests.support import Server, http, model_client, run, set_param
 
 pytestmark = pytest.mark.slow
@@ -137,8 +137,8 @@ def test_a_code_change_reruns_exactly_the_stages_that_run_that_code(project):
 def test_server_predicts_real_test_images_correctly(project, server):
     from PIL import Image
 
-    from pipeline.data import load_split
-    from pipeline.model import load, predict_proba
+    from pipeline.data.prepared import load_split
+    from pipeline.training.model import load, predict_proba
 
     files = run(["tollgate", "samples", "--out", "samples", "-n", "40"], cwd=project).stdout.split()
     labels = json.loads((project / "samples" / "labels.json").read_text())
@@ -254,10 +254,10 @@ def test_concurrent_promotions_leave_alias_and_server_in_agreement(project, serv
 
 def test_mlflow_models_serve_answers_for_the_registered_model(project):
     """The registry stays usable with the ecosystem's own tools: MLflow's scoring server on @champion."""
-    from pipeline.config import load_params
-    from pipeline.data import load_split
-    from pipeline.model import predict_proba
-    from pipeline.tracking import connect, model_uri
+    from pipeline.core.config import load_params
+    from pipeline.data.prepared import load_split
+    from pipeline.registry.store import connect, model_uri
+    from pipeline.training.model import predict_proba
     from tests.support import MlflowServer
 
     server = MlflowServer(project, NAME)

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from pipeline import paths
+from pipeline.core import paths
 from tests.support import (
     Server,
     http,
@@ -58,13 +58,13 @@ def server(project):
 
 def test_a_server_that_does_not_answer_fails_the_promotion_and_nothing_moves(project, server):
     """A busy or stuck server is not an absent one: promotion must not move the alias past it."""
-    set_param(project, "serve.timeout_s", 2.0)
+    set_param(project, "promote.timeout_s", 2.0)
     os.kill(server.proc.pid, signal.SIGSTOP)  # alive, listening, answering nothing
     try:
         proc = run(["tollgate", "rollback", "--to", "1"], cwd=project, check=False)
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
-        set_param(project, "serve.timeout_s", 30.0)
+        set_param(project, "promote.timeout_s", 30.0)
     assert proc.returncode == 1
     assert f"tollgate serve (pid {server.proc.pid}) at {server.url} did not answer within 2 s" in proc.stderr
     assert "nothing moved" in proc.stderr

@@ -13,8 +13,8 @@ import numpy as np
 import orjson
 import pytest
 
-from pipeline import paths
-from pipeline.data import load_split
+from pipeline.core import paths
+from pipeline.data.prepared import load_split
 from tests.support import Server, http, model_client, run, set_param
 
 pytestmark = pytest.mark.slow
@@ -45,11 +45,11 @@ def project(two_versions):
         run(["tollgate", "rollback", "--to", "2"], cwd=two_versions)
     model_client(two_versions).set_registered_model_alias(NAME, "previous", "1")
     set_param(two_versions, "serve.follow_interval_s", 1.0)
-    set_param(two_versions, "serve.timeout_s", 5.0)
+    set_param(two_versions, "promote.timeout_s", 5.0)
     yield two_versions
     set_param(two_versions, "serve.follow_interval_s", 30.0)
-    set_param(two_versions, "serve.timeout_s", 30.0)
-    set_param(two_versions, "serve.replicas", [])
+    set_param(two_versions, "promote.timeout_s", 30.0)
+    set_param(two_versions, "promote.replicas", [])
 
 
 def _start(project, names: list[str], env: dict | None = None) -> list[Server]:
@@ -95,7 +95,7 @@ def test_replicas_follow_a_promotion_without_a_failed_request_and_roll_back_toge
     # A replica that cannot load the next version: the promotion rolls back, every replica ends on v1.
     replicas[2].stop()
     replicas[2:] = _start(project, ["r3"], {"TOLLGATE_FAILPOINT": "serve:swap:raise"})
-    set_param(project, "serve.replicas", [r.url for r in replicas])
+    set_param(project, "promote.replicas", [r.url for r in replicas])
     try:
         proc = run(["tollgate", "rollback", "--to", "2"], cwd=project, check=False)
         assert proc.returncode == 1

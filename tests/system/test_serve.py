@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from pipeline import paths
+from pipeline.core import paths
 from tests.support import Server, http, model_client, run, set_param
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def server(project):
 
 @pytest.fixture(scope="module")
 def test_split(project):
-    from pipeline.data import load_split
+    from pipeline.data.prepared import load_split
 
     return load_split(project / paths.PREPARED_DIR, "test")
 
@@ -106,7 +106,7 @@ def test_predict_takes_multipart_uploads_any_size_and_rgb(server, test_split):
 
 
 def test_invocations_match_the_registered_model(server, project, test_split):
-    from pipeline.model import load, predict_proba
+    from pipeline.training.model import load, predict_proba
 
     model, _ = load(project / paths.MODEL_DIR)
     x = np.asarray(test_split.x[:32])
@@ -241,7 +241,7 @@ def test_an_oversized_body_is_refused_before_it_is_read(server, test_split):
 
 
 def test_binds_loopback_only_by_default(project):
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
 
     assert load_params(project / "params.yaml").serve.host == "127.0.0.1"
 

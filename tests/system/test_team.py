@@ -20,9 +20,9 @@ import numpy as np
 import psutil
 import pytest
 
-from pipeline import paths
-from pipeline.config import load_params
-from pipeline.stack import S3_KEY, S3_SECRET, SERVICES, Stack
+from pipeline.core import paths
+from pipeline.core.config import load_params
+from pipeline.stack.services import S3_KEY, S3_SECRET, SERVICES, Stack
 from tests.support import (
     Server,
     free_port,
@@ -151,7 +151,7 @@ def test_the_pipeline_runs_on_shared_services_and_the_registry_reads_back_over_r
 
 
 def test_a_server_without_storage_credentials_serves_the_champion(stack, origin):
-    from pipeline.model import load, predict_proba
+    from pipeline.training.model import load, predict_proba
 
     a = origin["a"]
     server = Server(a, _env(stack))
@@ -161,7 +161,7 @@ def test_a_server_without_storage_credentials_serves_the_champion(stack, origin)
         assert not (Path.home() / ".aws" / "credentials").exists()
         assert http("GET", f"{server.url}/v2/models/{NAME}")[1]["versions"] == ["1"]
         model, _ = load(a / paths.MODEL_DIR)
-        from pipeline.data import load_split
+        from pipeline.data.prepared import load_split
 
         test = load_split(a / paths.PREPARED_DIR, "test")
         body = json.dumps({"inputs": np.asarray(test.x[:12]).tolist()}).encode()
@@ -463,8 +463,8 @@ def test_a_postgresql_registry_is_guarded_by_an_advisory_lock_a_killed_holder_fr
     registry = stack.topology.database("mlflow", "psycopg2")
     hold = (
         "import sys, time\n"
-        "from pipeline import guard\n"
-        "from pipeline.config import load_params\n"
+        "from pipeline.release import guard\n"
+        "from pipeline.core.config import load_params\n"
         "with guard.held(load_params('params.yaml'), sys.argv[1]):\n"
         "    print('HELD', flush=True)\n"
         "    time.sleep(120)\n"

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import paths
-from pipeline.config import load_params
-from pipeline.data import load_split
-from pipeline.model import load, predict_proba
+from pipeline.core import paths
+from pipeline.core.config import load_params
+from pipeline.data.prepared import load_split
+from pipeline.training.model import load, predict_proba
 from tests.support import Server, free_port, http, model_client, run, set_param, tool_env
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def torchserve(two_versions):
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=60)
     log.close()
-    set_param(project, "serve.target", "local")
+    set_param(project, "promote.target", "local")
     if _alias(project, "champion") != "2":
         run(["tollgate", "rollback", "--to", "2"], cwd=project)
     model_client(project).set_registered_model_alias(NAME, "previous", "1")
@@ -147,7 +147,7 @@ def test_bad_input_gets_a_4xx_and_torchserve_keeps_serving(torchserve):
 
 def test_a_move_verifies_torchserve_first_and_a_broken_archive_changes_nothing(torchserve, tmp_path):
     project, ts, folder = torchserve["project"], torchserve["ts"], torchserve["folder"]
-    set_param(project, "serve.target", "torchserve")
+    set_param(project, "promote.target", "torchserve")
     # A broken archive (truncated after it was built): TorchServe refuses it, nothing moves anywhere.
     lineup = tmp_path / "lineup"
     lineup.mkdir()

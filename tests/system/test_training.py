@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import model as model_io
-from pipeline import paths
-from pipeline.data import load_split
+from pipeline.core import paths
+from pipeline.data.prepared import load_split
+from pipeline.training import model as model_io
 from tests.support import free_port, make_project, model_client, run, set_param, tool_env
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,135 @@
+"""Which of tollgate's own modules a piece of code runs, read from the source (no imports executed).
+
+Three users need the same answer: dvc.yaml lists each stage's modules as deps (a test derives the list from
+here), a training checkpoint is only resumed by the same code (its fingerprint hashes these files), and a
+registered model's pip requirements name what its code imports.
+
+A module runs another when it imports it (at the top or inside a function) or names it in a module-level
+constant (`SERVER = "pipeline.serving.app"`): that is how code is handed to another process, `python -m`
+or MLflow's model-from-code. Importing a module also runs the `__init__` of every package above it; those
+with no statements are left out. The same reading gives the import graph that the architecture test
+checks against the layer order (`imports`, `all_modules`).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import sys
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+
+PACKAGE = "pipeline"  # the library
+PACKAGES = (PACKAGE, "flows")  # ours: the library and its Prefect wiring
+ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `pipeline` package
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of one of our modules, or None when `module` is not ours."""
+    if module.split(".")[0] not in PACKAGES:
+        return None
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@cache
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), str(path))
+
+
+def _imported(tree: ast.Module) -> set[str]:
+    """Absolute names of every module imported anywhere in `tree`."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            # `from pipeline import model` imports the module pipeline.model
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _named(tree: ast.Module) -> set[str]:
+    """Strings assigned to module-level names: the modules among them run in another process."""
+    return {
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    }
+
+
+def _has_code(path: Path) -> bool:
+    body = _tree(path).body
+    docstring = body[:1] and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+    return len(body) > (1 if docstring else 0)
+
+
+def imports(module: str) -> set[str]:
+    """Our modules that `module` itself runs: imported anywhere in it, or named as a process entry."""
+    tree = _tree(module_file(module))
+    return {m for m in _imported(tree) | _named(tree) if module_file(m) is not None and m != module}
+
+
+def all_modules() -> list[str]:
+    """Every module of ours, by dotted name."""
+    found = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return found
+
+
+def closure(entries: Iterable[str]) -> set[str]:
+    """Our modules that running `entries` runs, the entries included."""
+    seen: set[str] = set()
+    todo = list(entries)
+    while todo:
+        module = todo.pop()
+        if module in seen or module_file(module) is None:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # package __init__s run first
+        todo += imports(module)
+    return {m for m in seen if _has_code(module_file(m))}
+
+
+def files(modules: Iterable[str]) -> list[str]:
+    """Project-relative paths of `modules`, sorted: the form dvc.yaml lists deps in."""
+    return sorted(module_file(m).relative_to(ROOT).as_posix() for m in modules)
+
+
+def digest(modules: Iterable[str]) -> str:
+    """One hash over the source of `modules`: changes when any of their code does."""
+    h = hashlib.sha256()
+    for rel in files(modules):
+        h.update(rel.encode() + b"\0" + (ROOT / rel).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def third_party(modules: Iterable[str]) -> set[str]:
+    """Top-level names of the packages outside the standard library that `modules` import."""
+    names = {name.split(".")[0] for m in modules for name in _imported(_tree(module_file(m)))}
+    return {n for n in names if n not in PACKAGES and n not in sys.stdlib_module_names and n != "__future__"}
+
+
+def distributions(top_level: Iterable[str]) -> dict[str, str]:
+    """The installed distribution providing each top-level import name (`yaml` -> `PyYAML`); where several
+    do (`mlflow` is in mlflow, mlflow-skinny, ...), the one named like the import."""
+    from importlib.metadata import packages_distributions
+
+    known = packages_distributions()
+    out = {}
+    for name in top_level:
+        if name not in known:
+            raise LookupError(f"no installed distribution provides the import {name!r}")
+        out[name] = name if name in known[name] else known[name][0]
+    return out

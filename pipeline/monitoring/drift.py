@@ -1,0 +1,183 @@
+"""Drift: live traffic compared with a reference taken from training.
+
+The reference travels inside the model folder (`reference.npz`, so every registered version carries its
+own) and holds, for up to `train.reference_samples` validation images: the class prior, the model's top
+probability (confidence), two input statistics per image (mean and standard deviation of its pixels), and
+penultimate-layer embeddings projected on their first `train.reference_components` principal axes.
+
+Four checks, each a scipy test for "is this window different at all" (p-value below `monitor.p_value`)
+and an effect size for "different enough to matter" (above its threshold); both must hold, so a large
+window does not flag a trivial shift and a tiny one does not flag noise:
+- prediction: chi-square of the window's predicted classes against the prior; effect = total variation
+  distance between the two class distributions;
+- confidence: Kolmogorov-Smirnov of the confidences; effect = mean confidence lost;
+- input: KS per input statistic (Bonferroni over the two); effect = the larger KS statistic;
+- embedding: KS per principal component (Bonferroni over them); effect = the largest KS statistic.
+Univariate KS on a low-dimensional projection of the model's own features is what "Failing Loudly"
+(Rabanser et al., NeurIPS 2019) found detects shifts best for its cost; it needs scipy alone, runs in
+milliseconds on a 500-sample window (the server recomputes it as traffic flows), and each number is one
+a reader can check by hand. Evidently and alibi-detect wrap the same tests with far heavier dependencies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.config import MonitorConfig
+from pipeline.data.prepared import Dataset
+
+REFERENCE = "reference.npz"  # inside the model folder
+CHECKS = ("prediction", "confidence", "input", "embedding")
+
+
+@dataclass(frozen=True)
+class Reference:
+    prior: np.ndarray  # (K,) class frequencies of the reference images' predictions
+    confidence: np.ndarray  # (m,) top probability per image
+    inputs: np.ndarray  # (m, 2) pixel mean and std per image, pixels in 0..1
+    center: np.ndarray  # (D,) embedding mean
+    axes: np.ndarray  # (D, k) principal axes of the embeddings
+    projected: np.ndarray  # (m, k) the reference embeddings on those axes
+
+    def project(self, embeddings: np.ndarray) -> np.ndarray:
+        return (embeddings.astype(np.float32) - self.center) @ self.axes
+
+
+@dataclass(frozen=True)
+class Window:
+    """What was served: predicted class, confidence, input statistics and embeddings per image."""
+
+    pred: np.ndarray
+    confidence: np.ndarray
+    inputs: np.ndarray
+    embeddings: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.pred)
+
+    def tail(self, n: int) -> Window:
+        return Window(self.pred[-n:], self.confidence[-n:], self.inputs[-n:], self.embeddings[-n:])
+
+    def part(self, start: int, stop: int) -> Window:
+        return Window(*(a[start:stop] for a in (self.pred, self.confidence, self.inputs, self.embeddings)))
+
+
+def input_stats(x: np.ndarray) -> np.ndarray:
+    """(n, 2): mean and standard deviation of each image's pixels, scaled to 0..1."""
+    flat = x.reshape(len(x), -1).astype(np.float32) / 255.0
+    return np.stack([flat.mean(axis=1), flat.std(axis=1)], axis=1)
+
+
+def build_reference(
+    probs: np.ndarray, embeddings: np.ndarray, x: np.ndarray, n_classes: int, components: int
+) -> Reference:
+    """The reference of a model from its outputs on validation images (probabilities, embeddings, pixels)."""
+    pred = probs.argmax(axis=1)
+    emb = embeddings.astype(np.float32)
+    center = emb.mean(axis=0)
+    k = max(1, min(components, emb.shape[1], len(emb) - 1))
+    # Principal axes by SVD of the centred embeddings: a fixed linear map any later window reuses.
+    _, _, vt = np.linalg.svd(emb - center, full_matrices=False)
+    axes = vt[:k].T.astype(np.float32)
+    return Reference(
+        prior=np.bincount(pred, minlength=n_classes) / max(len(pred), 1),
+        confidence=probs.max(axis=1).astype(np.float32),
+        inputs=input_stats(x),
+        center=center,
+        axes=axes,
+        projected=(emb - center) @ axes,
+    )
+
+
+def reference_for(model, train: Dataset, val: Dataset, seed: int, samples: int, components: int) -> Reference:
+    """The drift reference of a trained model: its outputs on (a seeded sample of) the validation split, or
+    of the training split when there is next to no validation split (data.val_fraction 0)."""
+    from pipeline.training.model import predict_with_embeddings
+
+    source = val if len(val.y) >= 10 else train
+    n = min(len(source.y), samples)
+    idx = np.sort(np.random.default_rng(seed).choice(len(source.y), n, replace=False))
+    x = np.asarray(source.x[idx])
+    probs, emb = predict_with_embeddings(model.cpu().eval(), x)
+    return build_reference(probs.numpy(), emb.numpy(), x, len(source.classes), components)
+
+
+def write_reference(folder: Path, ref: Reference) -> None:
+    from pipeline.core.files import write_arrays
+
+    write_arrays(folder / REFERENCE, {k: getattr(ref, k) for k in Reference.__dataclass_fields__})
+
+
+def read_reference(folder: Path) -> Reference | None:
+    """The reference in a model folder, or None for a model trained before references existed."""
+    path = Path(folder) / REFERENCE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return Reference(**{k: z[k] for k in Reference.__dataclass_fields__})
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    from scipy.stats import ks_2samp
+
+    res = ks_2samp(a, b)
+    return float(res.statistic), float(res.pvalue)
+
+
+def _ks_columns(live: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """KS per column of two (n, d) samples: the largest statistic and the smallest p-value, Bonferroni
+    corrected for the d tests."""
+    stats = [_ks(live[:, j], ref[:, j]) for j in range(ref.shape[1])]
+    return max(s for s, _ in stats), min(1.0, min(p for _, p in stats) * len(stats))
+
+
+def compare(ref: Reference, window: Window, cfg: MonitorConfig) -> dict:
+    """Every check of `window` against `ref`: statistic, p-value, threshold, and whether it flags; `drift`
+    is True when any does. A window under `monitor.min_samples` gets no verdict (`drift` None)."""
+    from scipy.stats import chisquare
+
+    n = len(window)
+    out: dict = {"samples": n, "drift": None, "checks": {}}
+    if n < cfg.min_samples:
+        out["reason"] = f"{n} samples, fewer than monitor.min_samples {cfg.min_samples}: no verdict"
+        return out
+    k = len(ref.prior)
+    counts = np.bincount(window.pred, minlength=k)[:k]
+    live = counts / n
+    # A class the reference never predicted gets a pseudo-count, so its appearance counts instead of dividing
+    # by zero.
+    expected = (ref.prior * len(ref.confidence) + 0.5) / (len(ref.confidence) + 0.5 * k)
+    p_pred = float(chisquare(counts, expected * counts.sum()).pvalue)
+    checks = {"prediction": (float(0.5 * np.abs(live - ref.prior).sum()), p_pred, cfg.max_prediction_shift)}
+    _, p_conf = _ks(window.confidence, ref.confidence)
+    drop = float(ref.confidence.mean() - window.confidence.mean())
+    checks["confidence"] = (drop, p_conf, cfg.max_confidence_drop)
+    checks["input"] = (*_ks_columns(window.inputs, ref.inputs), cfg.max_input_shift)
+    checks["embedding"] = (
+        *_ks_columns(ref.project(window.embeddings), ref.projected),
+        cfg.max_embedding_shift,
+    )
+    for name, (effect, p, threshold) in checks.items():
+        out["checks"][name] = {
+            "effect": round(effect, 6),
+            "p_value": p,
+            "threshold": threshold,
+            "drift": bool(effect > threshold and p < cfg.p_value),
+        }
+    out["drift"] = any(c["drift"] for c in out["checks"].values())
+    out["live_prior"] = live.round(6).tolist()
+    out["reference_prior"] = ref.prior.round(6).tolist()
+    out["confidence"] = {"reference": float(ref.confidence.mean()), "live": float(window.confidence.mean())}
+    return out
+
+
+def first_alarm(ref: Reference, window: Window, cfg: MonitorConfig, start: int, step: int = 50) -> int | None:
+    """How many samples after position `start` the monitor first flags drift, judging the newest
+    `monitor.window` samples every `step` samples (as the server's rolling figures do); None if never."""
+    for end in range(start + step, len(window) + 1, step):
+        if compare(ref, window.part(max(0, end - cfg.window), end), cfg)["drift"]:
+            return end - start
+    return None

@@ -1,0 +1,24 @@
+"""The registered model as an MLflow pyfunc, logged as "model from code": MLflow stores this file and the
+weights, not a pickle, so `mlflow models serve`, `mlflow.pyfunc.load_model` and tollgate's own server all
+rebuild the network from code plus `model.json`.
+
+Input: float32 pixels (N, H, W, C) in 0..255, as prepared. Output: class probabilities (N, n_classes).
+"""
+
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel
+
+from pipeline.training.model import MLFLOW_ARTIFACT, load, predict_proba
+
+
+class TollgateModel(PythonModel):
+    def load_context(self, context):
+        self.model, self.meta = load(context.artifacts[MLFLOW_ARTIFACT])
+
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        pixels = np.asarray(model_input, dtype=np.float32)
+        return predict_proba(self.model, pixels).numpy()
+
+
+mlflow.models.set_model(TollgateModel())

@@ -1,0 +1,152 @@
+"""register: a gated candidate is logged in MLflow's model format, proven to serve (infra validation),
+then registered with its lineage, a description and the gate, and pointed at by @challenger.
+
+Infra validation serves the packaged candidate from a fresh process, exactly as the serving target loads
+models, and checks with a real request that it predicts as evaluation did (`pipeline.release.verify`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from pipeline.core import failpoints, paths
+from pipeline.core.config import Params
+from pipeline.core.files import load_json
+from pipeline.data.prepared import read_manifest
+from pipeline.evaluation.verdict import Verdict
+from pipeline.registry import versions
+from pipeline.registry.runs import git_state
+from pipeline.registry.store import CHALLENGER, Store, model_uri
+from pipeline.release import verify
+from pipeline.release.results import Registration
+from pipeline.serving.client import Server, free_port
+from pipeline.training.model import META
+
+SERVER = "pipeline.serving.app"  # what infra validation starts in a fresh process
+
+
+def infra_validate(params: Params, root: Path, location: str) -> str | None:
+    """Serve the packaged candidate at `location` from a fresh process, send it a real request, and compare
+    with evaluation. Returns None when it passes, else the reason."""
+    smoke = verify.from_evaluation(root, params.promote.smoke_images)
+    port = free_port()
+    cmd = [sys.executable, "-m", SERVER, "--model-uri", location, "--port", str(port)]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+        server = Server(f"http://127.0.0.1:{port}")
+        try:
+            server.wait_ready(params.promote.timeout_s, alive=lambda: proc.poll() is None)
+            verify.predicts_like(verify.scoring(server, params.promote.timeout_s), smoke, "served")
+        except verify.VerificationFailed as err:
+            return str(err)
+        except (OSError, ValueError, TimeoutError) as err:
+            log.seek(0)
+            tail = " | ".join(log.read().strip().splitlines()[-3:])
+            return f"candidate did not serve: {err}" + (f" ({tail})" if tail else "")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    return None
+
+
+def model_description(meta: dict, source: str) -> str:
+    """What the registered model is, for its page in the MLflow registry (markdown)."""
+    h, w, c = meta["input_shape"]
+    classes = meta["classes"]
+    shown = ", ".join(classes[:20]) + (f" and {len(classes) - 20} more" if len(classes) > 20 else "")
+    return (
+        f"Image classifier over {len(classes)} classes ({shown}), trained by tollgate on `{source}` data.\n\n"
+        f"**Input**: float32 pixels of shape (N, {h}, {w}, {c}), values 0..255 "
+        f"({'grey' if c == 1 else 'RGB'}; images of any size are resized as in training). "
+        "Normalisation is inside the model. "
+        "**Output**: class probabilities (N, number of classes), in the class order above.\n\n"
+        "**How versions get here**: only through the pipeline. The data passes validation (Great "
+        "Expectations), the trained candidate passes the gate (absolute bounds and no regression against "
+        "@champion re-scored on the same test split), then infra validation (the packaged model served from "
+        "a fresh process must predict as evaluation did). Aliases: `@challenger` is the latest passing "
+        "candidate, `@champion` is what serves, `@previous` the champion before it. A version's tags carry "
+        "its lineage (git commit, data version, params hash) and its description the gate table."
+    )
+
+
+class Rejected(Exception):
+    """The candidate fails infra validation; the message says why."""
+
+
+def _new_version(store: Store, params: Params, root: Path, run_id: str) -> str:
+    """Log the candidate, serve it from a fresh process, register it; its version. Raises Rejected when
+    it cannot be packaged or does not serve like evaluation predicted, and a tracking-store failure as it
+    is (the stage fails and can be retried)."""
+    model_dir = root / paths.MODEL_DIR
+    example = verify.smoke_images(root, load_json(model_dir / META)["input_shape"], 2)
+    try:
+        logged = versions.log_candidate(store, run_id, model_dir, example)
+    except versions.PackagingError as err:
+        raise Rejected(f"infra validation failed: {err}") from None
+    failure = infra_validate(params, root, logged.location)
+    if failure is not None:
+        raise Rejected(f"infra validation failed: {failure}")
+    failpoints.reach("register:logged")
+    version = versions.register(logged, params.registry.model_name)
+    failpoints.reach("register:version-created")
+    return version
+
+
+def _describe(store: Store, params: Params, root: Path, version: str, verdict: Verdict) -> None:
+    """The version's lineage tags and gate table, the model's description, and @challenger on it."""
+    name = params.registry.model_name
+    metrics = load_json(root / paths.EVAL_METRICS)
+    meta = load_json(root / paths.MODEL_DIR / META)
+    commit, dirty = git_state(root)
+    tags = {
+        "git_commit": commit,
+        "git_dirty": str(dirty).lower(),
+        "data_version": meta["data_version"],
+        "params_hash": meta["params_hash"],
+        "gate": verdict.summary(),
+        "infra_validation": "passed",
+        "accuracy": f"{metrics['accuracy']:.4f}",
+        "macro_f1": f"{metrics['macro_f1']:.4f}",
+        "device": load_json(root / paths.TRAIN_REPORT)["device"],
+    }
+    text = (
+        f"{meta['arch']} on data {meta['data_version'][:12]}: test accuracy {tags['accuracy']}, "
+        f"macro-F1 {tags['macro_f1']}; gate and infra validation passed.\n\n" + verdict.markdown()
+    )
+    about = model_description(meta, read_manifest(root / paths.PREPARED_DIR)["source"])
+    versions.describe(store, name, version, tags, text, about)
+    store.point(name, CHALLENGER, version)
+
+
+def register(store: Store, params: Params, root: Path, verdict: Verdict) -> Registration:
+    """Register a passing candidate (once per MLflow run) that also passes infra validation, and point
+    @challenger at it; record a rejected one's reasons on its run. Run again after a failure at any point
+    (the tracking server gone between logging and registering, say), it completes the same version's tags
+    and aliases."""
+    run_id, name = verdict.run_id, params.registry.model_name
+
+    def reject(reasons: list[str]) -> Registration:
+        store.tag_run(run_id, "tollgate.rejected", "; ".join(reasons))
+        return Registration(registered=False, run_id=run_id, reasons=reasons)
+
+    if not verdict.passed:
+        return reject(verdict.reasons)
+    version = versions.version_of_run(store, name, run_id)
+    existed = version is not None
+    if not existed:
+        try:
+            version = _new_version(store, params, root, run_id)
+        except Rejected as err:
+            return reject([str(err)])
+    _describe(store, params, root, version, verdict)
+    return Registration(
+        registered=True,
+        run_id=run_id,
+        name=name,
+        version=version,
+        model_uri=model_uri(name, version),
+        existed=existed,
+    )
