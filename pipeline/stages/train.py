@@ -103,9 +103,11 @@ def _train(params: Params, root: Path) -> dict:
     job = _Job.of(params, root)
     rank = world()[0]
     if rank != 0:  # the other processes train their share; rank 0 alone logs
+        # The collectives in the order rank 0 makes them: the checkpoint decision, then the run id.
+        resume = job.resumable(None)
         run_id = distributed.from_rank0(None)
         start = time.perf_counter()
-        result = job.fit(run_id, job.resumable(None))
+        result = job.fit(run_id, resume)
         if not distributed.writes_outputs():
             return {}
         reference = job.reference(result)

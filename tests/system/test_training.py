@@ -132,7 +132,7 @@ def test_a_checkpoint_whose_mlflow_run_was_deleted_starts_afresh(project):
 def test_a_checkpoint_is_not_resumed_by_changed_code(project):
     """Resuming the old network's weights into edited model code would register a model nobody trained."""
     _kill_after_epoch(project, 3)
-    model_code = project / "pipeline" / "model.py"
+    model_code = project / "pipeline" / "training" / "model.py"
     original = model_code.read_text()
     model_code.write_text(original + "\n# edited after the kill\n")
     try:
