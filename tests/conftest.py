@@ -19,7 +19,14 @@ os.umask(0o022)
 
 
 # Modules that share the session's two-version project: one worker builds it once for all of them.
-TWO_VERSIONS = {"test_serve", "test_promotion", "test_replicas", "test_torchserve"}
+TWO_VERSIONS = {
+    "test_serve",
+    "test_promotion",
+    "test_replicas",
+    "test_torchserve",
+    "test_clients",
+    "test_readme",
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the node ids

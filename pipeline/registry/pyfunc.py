@@ -2,7 +2,8 @@
 weights, not a pickle, so `mlflow models serve`, `mlflow.pyfunc.load_model` and tollgate's own server all
 rebuild the network from code plus `model.json`.
 
-Input: float32 pixels (N, H, W, C) in 0..255, as prepared. Output: class probabilities (N, n_classes).
+Input: uint8 pixels (N, H, W, C), as prepare writes them and as images are (the signature says so, and
+MLflow refuses other dtypes naming it). Output: class probabilities (N, n_classes), float32.
 """
 
 import mlflow

@@ -52,11 +52,13 @@ def model_spec(model_dir: Path, example: np.ndarray) -> dict:
         "python_model": str(codegraph.module_file(MODEL_CODE)),
         "artifacts": {MLFLOW_ARTIFACT: str(model_dir)},
         "code_paths": [str(codegraph.ROOT / codegraph.PACKAGE)],
+        # uint8 pixels: what prepare writes and what an image is, so mlflow.pyfunc callers pass them as they
+        # have them (MLflow refuses any other dtype by name; float pixels need .astype("uint8") first)
         "signature": ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, h, w, c))]),
+            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, h, w, c))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(meta["classes"])))]),
         ),
-        "input_example": np.asarray(example, dtype=np.float32),
+        "input_example": np.asarray(example, dtype=np.uint8),
         "pip_requirements": pip_requirements(),
     }
 

@@ -30,8 +30,8 @@ from pipeline.serving.batching import Batcher, ModelSlot, NoModel
 from pipeline.serving.context import ServerContext
 from pipeline.serving.follow import follow
 from pipeline.serving.prometheus import Measure, Metrics
-from pipeline.serving.protocols import Refused
-from pipeline.serving.routes import admin, feedback, images, oip
+from pipeline.serving.protocols import Refused, error_body
+from pipeline.serving.routes import admin, feedback, images, oip, scoring
 from pipeline.serving.routes.scoring import ScoringRoute
 
 
@@ -73,6 +73,25 @@ def _start_workers(ctx: ServerContext) -> None:
         )
 
 
+def _error_handlers(app: FastAPI) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, err: Refused) -> JSONResponse:
+        return JSONResponse(error_body(request.url.path, err.status, err.detail), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        body = error_body(request.url.path, err.status_code, str(err.detail))
+        return JSONResponse(body, status_code=err.status_code, headers=getattr(err, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        return JSONResponse(error_body(request.url.path, 422, where), status_code=422)
+
+
 def create_app(
     params: Params, slot: ModelSlot, token: str, on_shutdown=None, root: Path | None = None
 ) -> FastAPI:
@@ -101,11 +120,9 @@ def create_app(
     app = FastAPI(title="tollgate", version="1", lifespan=lifespan)
     app.state.ctx = ctx
 
-    @app.exception_handler(Refused)
-    async def refused(request: Request, err: Refused) -> JSONResponse:
-        return JSONResponse({"detail": err.detail}, status_code=err.status)
+    _error_handlers(app)
 
-    for module in (oip, images, admin, feedback):
+    for module in (scoring, oip, images, admin, feedback):
         app.include_router(module.router)
     app.add_middleware(ScoringRoute, ctx=ctx)
     app.add_middleware(Measure, metrics=ctx.metrics)  # outermost: counts every route, the scoring one too

@@ -52,10 +52,17 @@ class ServerContext:
             raise Refused(503, f"no model loaded: {self.name} has no @champion yet")
         return served
 
-    def model_named(self, model_name: str) -> Served:
+    def model_named(self, model_name: str, version: str | None = None) -> Served:
+        """The served model when a request names it (and, when it names one, its served version)."""
         if model_name != self.name:
             raise Refused(404, f"unknown model {model_name!r}; this server serves {self.name!r}")
-        return self.served_now()
+        served = self.served_now()
+        if version is not None and version != served.version:
+            raise Refused(
+                404,
+                f"{self.name} version {version!r} is not served here; this server serves v{served.version}",
+            )
+        return served
 
     async def predicted(self, served: Served, x: np.ndarray, rid: str) -> np.ndarray:
         """The batcher's probabilities; a sampled request also hands its input, outputs and embeddings to

@@ -1,8 +1,8 @@
 """Request protocols: bodies read within bounds, then parsed into model pixels (N, H, W, C) float32.
 
-MLflow scoring (`{"inputs" | "instances": pixels}`), the Open Inference Protocol v2 (one typed, flat
-tensor), and image files (raw bytes or a multipart upload) decoded by `pipeline.data.images`, the function
-prepare uses.
+MLflow scoring (`{"inputs" | "instances": pixels}`) and image files (raw bytes or a multipart upload)
+decoded by `pipeline.data.images`, the function prepare uses; the Open Inference Protocol v2 is
+`pipeline.serving.oip`, on the same helpers.
 Everything here is plain functions over bytes and parsed JSON, so it is tested without a server; a bad
 request raises `Refused` with the HTTP status and a message saying what was expected.
 """
@@ -18,16 +18,6 @@ from pipeline.data.images import TooLarge, decode
 
 # The last is what `curl --data-binary @digit.png` sends by default; the decoder checks the bytes anyway.
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream", "application/x-www-form-urlencoded")
-OIP_DTYPES = {
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "FP16": np.float16,
-    "UINT8": np.uint8,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-}
 
 
 class Refused(Exception):
@@ -36,6 +26,17 @@ class Refused(Exception):
     def __init__(self, status: int, detail: str):
         super().__init__(detail)
         self.status, self.detail = status, detail
+
+
+def error_body(path: str, status: int, message: str) -> dict:
+    """An error as each protocol's clients read it: `{"error"}` on the Open Inference Protocol's routes
+    (Triton's and KServe's clients raise with its text), MLflow's `{"error_code", "message"}` beside
+    `{"detail"}` elsewhere."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return {"error": message}
+    code = {400: "BAD_REQUEST", 404: "RESOURCE_DOES_NOT_EXIST", 413: "BAD_REQUEST", 415: "BAD_REQUEST"}
+    return {"error_code": code.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST"),
+            "message": message, "detail": message}  # fmt: skip
 
 
 def media_type(headers) -> str:
@@ -69,7 +70,7 @@ def parse_json(headers, body: bytes):
         raise Refused(400, "body must be valid JSON (strict: no NaN or Infinity literals)") from None
 
 
-def _numbers(data, what: str) -> np.ndarray:
+def numbers(data, what: str) -> np.ndarray:
     """A nested list of JSON numbers as an array; strings, booleans, nulls and ragged lists refused."""
     try:
         x = np.asarray(data)
@@ -80,7 +81,7 @@ def _numbers(data, what: str) -> np.ndarray:
     return x
 
 
-def _check_batch(x: np.ndarray, shape: list[int], what: str) -> np.ndarray:
+def check_batch(x: np.ndarray, shape: list[int], what: str) -> np.ndarray:
     if x.ndim == len(shape):  # a single image without the batch axis
         x = x[None]
     if list(x.shape[1:]) != list(shape) or len(x) == 0:
@@ -100,7 +101,7 @@ def _depth(data) -> int:
     return depth
 
 
-def _cap(n: int, max_images: int) -> None:
+def cap(n: int, max_images: int) -> None:
     if n > max_images:
         raise Refused(413, f"{n} images in one request; at most {max_images} (serve.max_request_images)")
 
@@ -113,7 +114,7 @@ def cap_before_parsing(body: bytes, max_images: int) -> None:
     raw = np.frombuffer(body, dtype=np.uint8)
     opens = raw == ord("[")
     depth = np.cumsum(opens.view(np.int8) - (raw == ord("]")).view(np.int8), dtype=np.int32)
-    _cap(int(np.count_nonzero(opens & (depth == 2))), max_images)
+    cap(int(np.count_nonzero(opens & (depth == 2))), max_images)
 
 
 def pixels_from_json(payload: object, shape: list[int], max_images: int) -> np.ndarray:
@@ -124,36 +125,8 @@ def pixels_from_json(payload: object, shape: list[int], max_images: int) -> np.n
     if data is None:
         raise Refused(400, 'expected key "inputs" or "instances" holding pixel arrays')
     if _depth(data) > len(shape):  # counted before any conversion: a huge batch costs nothing
-        _cap(len(data), max_images)
-    return _check_batch(_numbers(data, "inputs"), shape, "inputs")
-
-
-def pixels_from_oip(payload: object, shape: list[int], max_images: int) -> np.ndarray:
-    """Open Inference Protocol v2 request: one input tensor with name, shape, datatype and (flat) data."""
-    expected = (
-        '{"inputs": [{"name": "pixels", "shape": [N, H, W, C], "datatype": "FP32", "data": [...]}]} with '
-        f"datatype one of {sorted(OIP_DTYPES)} and data matching shape"
-    )
-    try:
-        (tensor,) = payload["inputs"]
-        dims = [int(d) for d in tensor["shape"]]
-        dtype = OIP_DTYPES[tensor["datatype"]]
-        data = tensor["data"]
-    except (TypeError, KeyError, ValueError):
-        raise Refused(400, f"expected {expected}") from None
-    if dims:
-        _cap(dims[0] if len(dims) > len(shape) else 1, max_images)
-    x = _numbers(data, "input tensor data")
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        if x.dtype.kind == "f" or (x.size and (x.min() < info.min or x.max() > info.max)):
-            raise Refused(400, f"{tensor['datatype']} data must be integers in {info.min}..{info.max}")
-    try:
-        with np.errstate(over="ignore"):  # FP16 overflow becomes inf, refused as not finite
-            x = x.astype(dtype).reshape(dims)
-    except ValueError:
-        raise Refused(400, f"expected {expected}") from None
-    return _check_batch(x, shape, "input tensor")
+        cap(len(data), max_images)
+    return check_batch(numbers(data, "inputs"), shape, "inputs")
 
 
 def pixels_from_image(body: bytes, shape: list[int], max_pixels: int) -> np.ndarray:

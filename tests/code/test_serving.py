@@ -140,7 +140,92 @@ BAD = [
 def test_bad_requests_get_a_4xx_saying_what_was_expected(client, path, body, headers, status, says):
     resp = client.post(path, content=body, headers=headers)
     assert resp.status_code == status, resp.text
-    assert says.lower() in resp.json()["detail"].lower()
+    assert says.lower() in _message(path, resp).lower()
+
+
+def _message(path: str, resp) -> str:
+    """The error text where each protocol's clients look for it: `error` on the Open Inference Protocol's
+    routes (Triton's and KServe's clients read that key), `detail` (and MLflow's `message`) elsewhere."""
+    body = resp.json()
+    if path.startswith("/v2"):
+        assert set(body) == {"error"}, body
+        return body["error"]
+    return body["detail"]
+
+
+def _binary(payload: dict, tensor: np.ndarray | None = None) -> tuple[bytes, dict]:
+    """A request with the binary tensor data extension, as Triton's client sends it: no Content-Type."""
+    head = _json(payload)
+    return head + (tensor.tobytes() if tensor is not None else b""), {
+        "Inference-Header-Content-Length": str(len(head))
+    }
+
+
+def test_oip_takes_json_without_a_content_type_and_binary_tensors_both_ways(client):
+    x = np.random.default_rng(0).integers(0, 256, (2, *SHAPE), dtype=np.uint8)
+    tensor = {"name": "pixels", "shape": [2, *SHAPE], "datatype": "UINT8"}
+    plain = client.post(
+        f"/v2/models/{NAME}/infer", content=_json({"inputs": [{**tensor, "data": x.ravel().tolist()}]})
+    )
+    assert plain.status_code == 200 and plain.headers["content-type"] == "application/json"
+    expected = np.asarray(plain.json()["outputs"][0]["data"], dtype=np.float32).reshape(2, 10)
+    scored = client.post("/invocations", content=_json({"inputs": x.tolist()}), headers=JSON).json()
+    assert np.allclose(expected, scored["predictions"], atol=1e-6)
+
+    body, headers = _binary(
+        {
+            "inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        },
+        x,
+    )
+    resp = client.post(f"/v2/models/{NAME}/versions/7/infer", content=body, headers=headers)
+    assert resp.status_code == 200, resp.text
+    length = int(resp.headers["inference-header-content-length"])
+    head = json.loads(resp.content[:length])
+    (output,) = head["outputs"]
+    assert output["parameters"]["binary_data_size"] == 2 * 10 * 4 and "data" not in output
+    got = np.frombuffer(resp.content[length:], dtype="<f4").reshape(output["shape"])
+    assert np.array_equal(got, expected)
+
+
+def test_oip_binary_requests_that_do_not_add_up_are_refused_with_an_error_body(client):
+    tensor = {"name": "pixels", "shape": [1, *SHAPE], "datatype": "UINT8"}
+    short = np.zeros(63, dtype=np.uint8)
+    for payload, raw, says in [
+        ({"inputs": [{**tensor, "parameters": {"binary_data_size": 64}}]}, short, "does not fit"),
+        ({"inputs": [{**tensor, "parameters": {"binary_data_size": 63}}]}, short, "needs 64"),
+        ({"inputs": [{**tensor, "data": [0] * 64}], "outputs": [{"name": "logits"}]}, None, "one output"),
+    ]:
+        body, headers = _binary(payload, raw)
+        resp = client.post(f"/v2/models/{NAME}/infer", content=body, headers=headers)
+        assert resp.status_code == 400 and says in _message("/v2", resp)
+    resp = client.post(
+        f"/v2/models/{NAME}/infer", content=b"{}", headers={"Inference-Header-Content-Length": "99"}
+    )
+    assert resp.status_code == 400 and "does not fit" in _message("/v2", resp)
+
+
+def test_oip_versioned_routes_serve_the_served_version_only(client):
+    assert client.get(f"/v2/models/{NAME}/versions/7/ready").json()["ready"] is True
+    assert client.get(f"/v2/models/{NAME}/versions/7").json()["versions"] == ["7"]
+    for path in (f"/v2/models/{NAME}/versions/1/ready", f"/v2/models/{NAME}/versions/1"):
+        resp = client.get(path)
+        assert resp.status_code == 404 and "serves v7" in _message(path, resp)
+    resp = client.post(f"/v2/models/{NAME}/versions/1/infer", content=_oip("UINT8", [0] * 64))
+    assert resp.status_code == 404 and "version '1' is not served" in _message("/v2", resp)
+    assert "binary_tensor_data" in client.get("/v2").json()["extensions"]
+    resp = client.get("/v2/no/such/route")
+    assert resp.status_code == 404 and set(resp.json()) == {"error"}
+
+
+def test_mlflow_health_routes_answer_like_mlflows_scoring_server(client):
+    from importlib.metadata import version
+
+    for path in ("/ping", "/health"):
+        resp = client.get(path)
+        assert resp.status_code == 200 and resp.text == "\n"
+    assert client.get("/version").text == version("mlflow")
 
 
 def test_too_many_images_are_refused_before_conversion():

@@ -1,12 +1,14 @@
-"""The Open Inference Protocol v2 (KServe, Triton, MLServer): health, metadata and infer."""
+"""The Open Inference Protocol v2 (KServe, Triton, MLServer): health, metadata, readiness and infer, for the
+model and for its served version (`/v2/models/{m}/versions/{v}/...`). Request and response encoding, the
+binary tensor data extension included, is `pipeline.serving.oip`; every error on these routes answers
+`{"error": "..."}` (the app's handlers), as the protocol's clients read it."""
 
 from __future__ import annotations
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from pipeline.serving import protocols
+from pipeline.serving import oip
 from pipeline.serving.context import ServerContext, context_of, off_loop, request_id
 
 router = APIRouter()
@@ -25,60 +27,46 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/v2")
 async def server_metadata() -> dict:
-    return {"name": "tollgate", "version": "1", "extensions": []}
+    return {"name": "tollgate", "version": "1", "extensions": [oip.EXTENSION]}
 
 
-@router.get("/v2/models/{model_name}")
-async def metadata(model_name: str, request: Request) -> dict:
+async def metadata(request: Request, model_name: str, model_version: str | None = None) -> dict:
     ctx = context_of(request)
-    served = ctx.model_named(model_name)
+    served = ctx.model_named(model_name, model_version)
     h, w, c = served.meta["input_shape"]
     return {
         "name": ctx.name,
         "versions": [served.version],
         "platform": "pytorch",
-        "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, h, w, c]}],
-        "outputs": [
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(served.meta["classes"])]}
-        ],
+        "inputs": [{"name": oip.INPUT, "datatype": "FP32", "shape": [-1, h, w, c]}],
+        "outputs": [{"name": oip.OUTPUT, "datatype": "FP32", "shape": [-1, len(served.meta["classes"])]}],
         "classes": served.meta["classes"],
         "parameters": {"follows": ctx.followed if ctx.follows else None},
     }
 
 
-@router.get("/v2/models/{model_name}/ready")
-async def model_ready(model_name: str, request: Request) -> dict:
+async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> dict:
     ctx = context_of(request)
-    ctx.model_named(model_name)
-    return {"name": ctx.name, "ready": True}
+    served = ctx.model_named(model_name, model_version)
+    return {"name": ctx.name, "version": served.version, "ready": True}
 
 
-def _pixels(ctx: ServerContext, headers, body: bytes, shape: list[int]):
-    payload = protocols.parse_json(headers, body)
-    return payload, protocols.pixels_from_oip(payload, shape, ctx.params.serve.max_request_images)
+def _parse(ctx: ServerContext, headers, body: bytes, shape: list[int]) -> oip.InferRequest:
+    return oip.parse_infer(headers, body, shape, ctx.params.serve.max_request_images)
 
 
-@router.post("/v2/models/{model_name}/infer")
-async def infer(model_name: str, request: Request) -> Response:
+async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
     ctx = context_of(request)
     body = await ctx.body_of(request)
-    served = ctx.model_named(model_name)
-    payload, x = await off_loop(body, _pixels, ctx, request.headers, body, served.meta["input_shape"])
+    served = ctx.model_named(model_name, model_version)
+    wanted = await off_loop(body, _parse, ctx, request.headers, body, served.meta["input_shape"])
     rid = request_id(request.headers)
-    probs = await ctx.predicted(served, x, rid)
-    out = {
-        "model_name": ctx.name,
-        "model_version": served.version,
-        "outputs": [
-            {
-                "name": "probabilities",
-                "datatype": "FP32",
-                "shape": list(probs.shape),
-                "data": probs.ravel().tolist(),
-            }
-        ],
-        "parameters": {"request_id": rid},
-    }
-    if isinstance(payload, dict) and "id" in payload:
-        out["id"] = payload["id"]
-    return Response(orjson.dumps(out), media_type="application/json", headers={"x-request-id": rid})
+    probs = await ctx.predicted(served, wanted.x, rid)
+    content, headers = oip.infer_response(ctx.name, served.version, probs, rid, wanted)
+    return Response(content, headers=headers)
+
+
+for base in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}"):
+    router.add_api_route(base, metadata, methods=["GET"])
+    router.add_api_route(base + "/ready", model_ready, methods=["GET"])
+    router.add_api_route(base + "/infer", infer, methods=["POST"])

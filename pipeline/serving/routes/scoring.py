@@ -1,12 +1,33 @@
-"""MLflow's scoring protocol: `POST /invocations`, a drop-in for `mlflow models serve`."""
+"""MLflow's scoring protocol, a drop-in for `mlflow models serve`: `POST /invocations`, and `/ping`,
+`/health`, `/version` answered as MLflow's scoring server answers them (what its load balancers and health
+checks call)."""
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import orjson
+from fastapi import APIRouter, Request, Response
 
 from pipeline.serving import protocols
-from pipeline.serving.context import INLINE_BYTES, ServerContext, off_loop, request_id
-from pipeline.serving.protocols import Refused
+from pipeline.serving.context import INLINE_BYTES, ServerContext, context_of, off_loop, request_id
+from pipeline.serving.protocols import Refused, error_body
+
+router = APIRouter()
+
+
+@router.get("/ping")
+@router.get("/health")
+async def ping(request: Request) -> Response:
+    """200 once a model is loaded, 404 before: MLflow's scoring server's health check, body and all."""
+    loaded = context_of(request).slot.current is not None
+    return Response("\n", status_code=200 if loaded else 404, media_type="application/json")
+
+
+@router.get("/version")
+async def mlflow_version() -> Response:
+    """The MLflow version whose scoring protocol this server speaks (read from its package metadata)."""
+    return Response(version("mlflow"), media_type="application/json")
 
 
 def _asgi_chunks(receive):
@@ -58,7 +79,7 @@ class ScoringRoute:
             body = await protocols.read_body(headers, _asgi_chunks(receive), self.ctx.max_body)
             status, payload = 200, await score(self.ctx, headers, body, rid)
         except Refused as err:
-            status, payload = err.status, {"detail": err.detail}
+            status, payload = err.status, error_body(self.path, err.status, err.detail)
         out = orjson.dumps(payload)
         await send(
             {
