@@ -17,8 +17,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="tollgate", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for stage in STAGES:
-        sub.add_parser(stage, help=f"run the {stage} stage (what dvc.yaml calls)")
+    stages = {
+        stage: sub.add_parser(stage, help=f"run the {stage} stage (what dvc.yaml calls)") for stage in STAGES
+    }
+    stages["promote"].add_argument(
+        "--version",
+        help="instead of the stage: make this registered version @champion on purpose (a DVC experiment's, "
+        "say), verified like any promotion; reports/promotion.json is left to the stage",
+    )
     add_arguments(sub.add_parser("serve", help="HTTP inference server on models:/<name>@champion"))
     rb = sub.add_parser("rollback", help="make an earlier version @champion again, verified like a promotion")
     rb.add_argument("--to", help="version to restore (default: the one behind @previous)")
@@ -168,6 +174,12 @@ def _stack(args, params: Params, root: Path) -> int:
 
 
 def _stage(args, params: Params, root: Path) -> int:
+    if args.command == "promote" and args.version:
+        from pipeline.registry.store import connect
+        from pipeline.release.promote import promote_version
+
+        print(promote_version(connect(params, root), params, root, args.version).summary)
+        return 0
     from pipeline import stages
 
     stages.run(args.command, params, root)

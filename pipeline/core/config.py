@@ -120,6 +120,7 @@ GateCheck = Literal[
     "max_model_mb",
     "min_shift_stability",
     "max_drop",
+    "significance",
     "max_feedback_drop",
 ]
 
@@ -133,6 +134,7 @@ class GateConfig(_Section):
     max_model_mb: float = Field(gt=0.0)
     min_shift_stability: float = Field(ge=0.0, le=1.0)
     max_drop: float = Field(ge=0.0, le=1.0)
+    significance: float = Field(gt=0.0, lt=1.0)
     drop_mode: Literal["absolute", "relative"]
     compare_metrics: list[Metric] = Field(min_length=1)
     max_feedback_drop: float = Field(ge=0.0, le=1.0)
@@ -172,6 +174,7 @@ class PromoteConfig(_Section):
     smoke_images: int = Field(ge=1)
     timeout_s: float = Field(gt=0.0)
     replicas: list[str]
+    require_clean: bool
     shadow_min_requests: int = Field(ge=0)
     shadow_max_disagreement: float = Field(ge=0.0, le=1.0)
 

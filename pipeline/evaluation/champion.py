@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from pipeline.core.config import EvaluateConfig
 from pipeline.data.prepared import Dataset
 from pipeline.evaluation.metrics import quality_metrics, slice_accuracy
@@ -18,6 +20,7 @@ class Champion:
     classes: list[str] | None  # None: it could not be loaded
     metrics: dict | None  # None: it cannot be scored on this data (other classes or image shape)
     error: str | None = None  # why it could not be loaded
+    correct: np.ndarray | None = None  # per test image, whether it gets it right (the paired comparison)
 
 
 def champion_scores(
@@ -38,7 +41,8 @@ def champion_scores(
     def probs_of(x):
         return predict_proba(model, x).numpy()
 
-    metrics = quality_metrics(probs_of(test.x), test.y, test.classes, cfg)
+    probs = probs_of(test.x)
+    metrics = quality_metrics(probs, test.y, test.classes, cfg)
     if feedback is not None:
         metrics["feedback_accuracy"] = slice_accuracy(probs_of, feedback)
-    return Champion(ref.version, meta["classes"], metrics)
+    return Champion(ref.version, meta["classes"], metrics, correct=probs.argmax(axis=1) == test.y)

@@ -1,15 +1,17 @@
 """The offline gate, at evaluate: absolute bounds on the candidate's test metrics, speed and size, then
-"not worse than the @champion re-scored now on the same test split", and on the recent-feedback slice when
-there is one (the online gate, at promote, is `pipeline.evaluation.online`). The verdict is data
-(`pipeline.evaluation.verdict`), never an exception: the evaluate stage always succeeds, and register and
-promote read it.
+"not worse than the @champion re-scored now on the same test split" (within `gate.max_drop`, and never
+significantly worse on the same images), and on the recent-feedback slice when there is one (the online
+gate, at promote, is `pipeline.evaluation.online`). The verdict is data (`pipeline.evaluation.verdict`),
+never an exception: the evaluate stage always succeeds, and register and promote read it.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from pipeline.core.config import GateConfig
 from pipeline.evaluation.champion import Champion
-from pipeline.evaluation.verdict import Check, Verdict
+from pipeline.evaluation.verdict import Check, Paired, Verdict
 
 
 class _Checks:
@@ -113,6 +115,37 @@ def _against_champion(c: _Checks, candidate: dict, classes: list[str], champion:
             )
 
 
+def paired(correct: np.ndarray, champion: Champion, cfg: GateConfig) -> Paired:
+    """The candidate's and the champion's answers on the same test images (`correct`: the candidate's,
+    per image), compared where they disagree: a one-sided exact McNemar (binomial) test that the candidate
+    is worse. The images both get right or both miss say nothing about which is better."""
+    from scipy.stats import binomtest
+
+    better = int((correct & ~champion.correct).sum())
+    worse = int((~correct & champion.correct).sum())
+    p = binomtest(better, better + worse, 0.5, alternative="less").pvalue if better + worse else 1.0
+    return Paired(
+        champion=champion.version,
+        better=better,
+        worse=worse,
+        images=len(correct),
+        p_value=round(float(p), 6),
+        significance=cfg.significance,
+        max_drop=cfg.max_drop,
+    )
+
+
+def _paired_check(c: _Checks, result: Paired) -> None:
+    c.add(
+        f"paired vs champion v{result.champion}",
+        "significance",
+        result.p_value,
+        c.cfg.significance,
+        not result.significantly_worse,
+        result.sentence(),
+    )
+
+
 def _feedback(c: _Checks, candidate: dict, champion: Champion | None) -> None:
     """The recent-feedback slice: the candidate may trail the champion there by `gate.max_feedback_drop`
     (what users labelled lately is what the frozen test set may not show)."""
@@ -131,12 +164,29 @@ def _feedback(c: _Checks, candidate: dict, champion: Champion | None) -> None:
     )
 
 
-def gate(candidate: dict, classes: list[str], cfg: GateConfig, champion: Champion | None) -> Verdict:
+def gate(
+    candidate: dict,
+    classes: list[str],
+    cfg: GateConfig,
+    champion: Champion | None,
+    correct: np.ndarray | None = None,
+) -> Verdict:
     """Judge the candidate's metrics against absolute bounds and, when a champion exists, against the
-    champion re-scored on the same test split."""
+    champion re-scored on the same test split: by how much its metrics trail (`gate.max_drop`) and, with
+    `correct` (the candidate's answer per test image right or wrong), whether it is significantly worse on
+    the same images (`gate.significance`), which no `max_drop` allows."""
     checks = _Checks(cfg)
     _absolute(checks, candidate)
     _against_champion(checks, candidate, classes, champion)
+    compared = None
+    if (
+        correct is not None
+        and champion is not None
+        and champion.correct is not None
+        and champion.classes == classes
+    ):
+        compared = paired(correct, champion, cfg)
+        _paired_check(checks, compared)
     if "feedback_accuracy" in candidate:
         _feedback(checks, candidate, champion)
-    return Verdict.of(checks.rows)
+    return Verdict.of(checks.rows, compared)

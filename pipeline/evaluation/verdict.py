@@ -27,6 +27,32 @@ class Check(Report):
         return f"{self.check}: {self.detail}"
 
 
+class Paired(Report):
+    """The candidate and the champion on the same test images: how many each gets right that the other
+    misses, and the one-sided exact McNemar test of "the candidate is worse" on those discordant pairs."""
+
+    champion: str  # its version
+    better: int  # images the candidate gets right and the champion misses
+    worse: int  # images the champion gets right and the candidate misses
+    images: int
+    p_value: float  # P(candidate wins <= `better` of the `better + worse` discordant pairs | no difference)
+    significance: float  # gate.significance
+    max_drop: float  # gate.max_drop, what a drop within noise is then held to
+
+    @property
+    def significantly_worse(self) -> bool:
+        return self.worse > self.better and self.p_value < self.significance
+
+    def sentence(self) -> str:
+        counts = f"worse on {self.worse} images, better on {self.better} of {self.images}"
+        p = f"p = {self.p_value:.3g}"
+        if self.significantly_worse:
+            return f"{counts}: significantly worse ({p} < gate.significance {self.significance:g}): refused"
+        if self.worse > self.better:
+            return f"{counts}: a drop within noise ({p}): allowed by gate.max_drop {self.max_drop:g}"
+        return f"{counts}: not worse ({p})"
+
+
 class Verdict(Report):
     passed: bool
     checks: list[Check]
@@ -35,15 +61,17 @@ class Verdict(Report):
     run_id: str | None = None  # the candidate's training run
     champion_version: str | None = None  # the champion it was compared with (None: there was none)
     data_version: str | None = None
+    paired: Paired | None = None  # the paired comparison with the champion, when there was one
 
     @classmethod
-    def of(cls, checks: list[Check]) -> Verdict:
+    def of(cls, checks: list[Check], paired: Paired | None = None) -> Verdict:
         blocking = [c for c in checks if not c.passed and c.action == "block"]
         return cls(
             passed=not blocking,
             checks=checks,
             reasons=[c.reason() for c in blocking],
             warnings=[c.reason() for c in checks if not c.passed and c.action == "warn"],
+            paired=paired,
         )
 
     def summary(self) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.core.config import Params
+from pipeline.core.experiment import project_root
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -36,11 +37,13 @@ def alias_uri(name: str, alias: str) -> str:
 
 
 def tracking_uri(params: Params, root: Path) -> str:
-    """MLFLOW_TRACKING_URI wins; else params.yaml's URI, a relative SQLite path taken from `root`."""
+    """MLFLOW_TRACKING_URI wins; else params.yaml's URI, a relative SQLite path taken from the project's
+    own checkout (a queued or --temp DVC experiment records into the project's store, not into a copy
+    that vanishes with its temporary folder)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        uri = prefix + str((root / uri[len(prefix) :]).resolve())
+        uri = prefix + str((project_root(root) / uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -187,7 +190,7 @@ def connect(params: Params, root: Path) -> Store:
         location = None
         if local_store(uri):
             # Local stores: keep artifacts in the project beside the database, not in whatever cwd is.
-            location = (root / params.mlflow.artifact_root).resolve().as_uri()
+            location = (project_root(root) / params.mlflow.artifact_root).resolve().as_uri()
         # Another stage process may create it between our lookup and create: either way it exists after.
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             client.create_experiment(name, artifact_location=location)

@@ -335,11 +335,28 @@ def rollback(store: Store, params: Params, root: Path, to: str | None = None) ->
     return _release(store, params, root, str(to), UNCHECKED, rollback=True)
 
 
+def requires_clean(params: Params) -> bool:
+    """`promote.require_clean`, or TOLLGATE_REQUIRE_CLEAN when set (the team deployment sets it)."""
+    given = os.environ.get("TOLLGATE_REQUIRE_CLEAN")
+    return params.promote.require_clean if given is None else given.strip().lower() in ("1", "true", "yes")
+
+
+def _check_clean(params: Params, tags: dict[str, str], version: str) -> None:
+    """With `promote.require_clean`, only a version built from committed code and params may serve: its
+    registration recorded the checkout's state (tag git_dirty)."""
+    if requires_clean(params) and tags.get("git_dirty") != "false":
+        raise PromotionError(
+            f"v{version} was built from uncommitted code or params (git_dirty: {tags.get('git_dirty')}) and "
+            "promote.require_clean is on: commit, run the pipeline again, then promote; nothing moved"
+        )
+
+
 def promote(store: Store, params: Params, root: Path, version: str, gated_against=UNCHECKED) -> Promotion:
     """What the promote stage does for the version register just made: `_release` (fenced by the champion
     its gate compared against), unless that version was rolled back on purpose."""
     name = params.registry.model_name
-    mark = _tags(store, params, version).get(ROLLED_BACK)
+    tags = _tags(store, params, version)
+    mark = tags.get(ROLLED_BACK)
     if mark:
         return Promotion(
             promoted=False,
@@ -348,7 +365,23 @@ def promote(store: Store, params: Params, root: Path, version: str, gated_agains
             reason=f"v{version} was rolled back ({mark}); not promoted again by the pipeline. "
             f"To make it champion on purpose: tollgate rollback --to {version}",
         )
+    _check_clean(params, tags, version)
     return _release(store, params, root, version, gated_against, rollback=False)
+
+
+def promote_version(store: Store, params: Params, root: Path, version: str) -> Promotion:
+    """`tollgate promote --version N`: make a registered version champion on purpose (a DVC experiment's
+    candidate, say), verified on every server and target like any promotion. Its gate must have passed; a
+    rolled-back mark on it is cleared, since it is chosen now."""
+    tags = _tags(store, params, version)
+    if not tags.get("gate", "").startswith("passed"):
+        raise PromotionError(
+            f"v{version} has no passing gate (gate: {tags.get('gate', 'none')}); nothing moved"
+        )
+    _check_clean(params, tags, version)
+    result = _release(store, params, root, version, UNCHECKED, rollback=False)
+    store.tag_version(params.registry.model_name, version, ROLLED_BACK, None)
+    return result
 
 
 def deploy(store: Store, params: Params, root: Path, target_name: str) -> Handover:

@@ -7,12 +7,13 @@ models, and checks with a real request that it predicts as evaluation did (`pipe
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.core import failpoints, paths
+from pipeline.core import experiment, failpoints, paths
 from pipeline.core.config import Params
 from pipeline.core.files import load_json
 from pipeline.data.prepared import read_manifest
@@ -59,7 +60,7 @@ def model_description(meta: dict, source: str) -> str:
     shown = ", ".join(classes[:20]) + (f" and {len(classes) - 20} more" if len(classes) > 20 else "")
     return (
         f"Image classifier over {len(classes)} classes ({shown}), trained by tollgate on `{source}` data.\n\n"
-        f"**Input**: float32 pixels of shape (N, {h}, {w}, {c}), values 0..255 "
+        f"**Input**: uint8 pixels of shape (N, {h}, {w}, {c}) "
         f"({'grey' if c == 1 else 'RGB'}; images of any size are resized as in training). "
         "Normalisation is inside the model. "
         "**Output**: class probabilities (N, number of classes), in the class order above.\n\n"
@@ -95,8 +96,19 @@ def _new_version(store: Store, params: Params, root: Path, run_id: str) -> str:
     return version
 
 
-def _describe(store: Store, params: Params, root: Path, version: str, verdict: Verdict) -> None:
-    """The version's lineage tags and gate table, the model's description, and @challenger on it."""
+def _experiment_tags(root: Path, exp: experiment.Experiment) -> dict[str, str]:
+    diff = experiment.params_diff(root, exp.baseline)
+    return {
+        "experiment": exp.name,
+        "experiment_baseline": exp.baseline,
+        "experiment_params": json.dumps(diff, sort_keys=True),
+    }
+
+
+def _describe(store: Store, params: Params, root: Path, version: str, verdict: Verdict) -> str:
+    """The version's lineage tags and gate table, the model's description, and its alias: @challenger, or
+    `@exp-<name>` for a DVC experiment's candidate (an experiment is never a candidate for production
+    until someone promotes it on purpose). Returns the alias."""
     name = params.registry.model_name
     metrics = load_json(root / paths.EVAL_METRICS)
     meta = load_json(root / paths.MODEL_DIR / META)
@@ -112,13 +124,20 @@ def _describe(store: Store, params: Params, root: Path, version: str, verdict: V
         "macro_f1": f"{metrics['macro_f1']:.4f}",
         "device": load_json(root / paths.TRAIN_REPORT)["device"],
     }
+    exp = experiment.current()
+    if exp is not None:
+        tags.update(_experiment_tags(root, exp))
+    if verdict.paired is not None:
+        tags["paired_test"] = verdict.paired.sentence()
     text = (
         f"{meta['arch']} on data {meta['data_version'][:12]}: test accuracy {tags['accuracy']}, "
         f"macro-F1 {tags['macro_f1']}; gate and infra validation passed.\n\n" + verdict.markdown()
     )
     about = model_description(meta, read_manifest(root / paths.PREPARED_DIR)["source"])
     versions.describe(store, name, version, tags, text, about)
-    store.point(name, CHALLENGER, version)
+    alias = exp.alias if exp is not None else CHALLENGER
+    store.point(name, alias, version)
+    return alias
 
 
 def register(store: Store, params: Params, root: Path, verdict: Verdict) -> Registration:
@@ -141,12 +160,15 @@ def register(store: Store, params: Params, root: Path, verdict: Verdict) -> Regi
             version = _new_version(store, params, root, run_id)
         except Rejected as err:
             return reject([str(err)])
-    _describe(store, params, root, version, verdict)
+    alias = _describe(store, params, root, version, verdict)
+    exp = experiment.current()
     return Registration(
         registered=True,
         run_id=run_id,
         name=name,
         version=version,
         model_uri=model_uri(name, version),
+        alias=alias,
+        experiment=exp.name if exp else None,
         existed=existed,
     )

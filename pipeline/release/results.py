@@ -16,6 +16,8 @@ class Registration(Report):
     name: str | None = None
     version: str | None = None
     model_uri: str | None = None
+    alias: str | None = None  # challenger, or exp-<name> for a DVC experiment's candidate
+    experiment: str | None = None  # the DVC experiment that made it
     reasons: list[str] = []
     # Registered by an earlier run of this stage for the same training run: said in the log, never written,
     # so the report of the same version stays byte-identical and promote has nothing to redo.
@@ -36,6 +38,7 @@ class Promotion(Report):
     deploy: dict | None = None  # what the target did (Handover.record)
     fenced: dict | None = None  # {"gated_against", "champion"} when the gate compared with another champion
     shadow: dict | None = None  # the shadow report the online gate judged
+    experiment: str | None = None  # a DVC experiment's candidate: never promoted by the pipeline
 
     def line(self) -> str:
         return self.summary if self.promoted else (self.reason or "not promoted")

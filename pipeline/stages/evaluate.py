@@ -50,7 +50,9 @@ def run(params: Params, root: Path) -> dict:
         perf = metrics.speed_metrics(probs_of, meta["input_shape"], cfg)
         perf["device"] = str(next(model.parameters()).device)
         champion = champion_scores(store, params.registry.model_name, test, cfg, feedback)
-        verdict = gate({**quality, **perf}, test.classes, params.gate, champion)
+        verdict = gate({**quality, **perf}, test.classes, params.gate, champion, pred == test.y)
+    if verdict.paired is not None:
+        quality["paired"] = verdict.paired.model_dump(mode="json")
     verdict = verdict.model_copy(
         update={
             "run_id": run_id,

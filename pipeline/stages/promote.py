@@ -1,14 +1,14 @@
 """promote: make the version register just made @champion, with the serving targets following and
-verified (pipeline/release/promote.py); a rejected candidate or a version rolled back on purpose is left
-alone, a candidate the online gate refuses does not move, and a candidate whose gate compared against a
-champion that has moved since is fenced (evaluate again)."""
+verified (pipeline/release/promote.py). Left alone: a rejected candidate, a version rolled back on purpose,
+a DVC experiment's candidate (experiments are not production), and a candidate the online gate refuses; a
+candidate whose gate compared against a champion that has moved since is fenced (evaluate again)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from pipeline.core import paths
+from pipeline.core import experiment, paths
 from pipeline.core.config import Params
 from pipeline.evaluation.online import online_gate
 from pipeline.evaluation.verdict import Verdict
@@ -24,30 +24,39 @@ def _refuse(root: Path, result: Promotion) -> None:
     raise StageFailed(result.reason)
 
 
+def _promote(params: Params, root: Path, version: str) -> Promotion:
+    needed = params.promote.shadow_min_requests
+    if needed:
+        seen = shadow_summary(root / params.monitor.folder, root / params.data.feedback, version)
+        if reason := online_gate(seen, version, needed, params.promote.shadow_max_disagreement):
+            _refuse(root, Promotion(promoted=False, reason=reason, shadow=seen))
+    gated_against = Verdict.load(root / paths.GATE_REPORT).champion_version
+    try:
+        with work():
+            return promote(connect(params, root), params, root, version, gated_against)
+    except Fenced as err:
+        fenced = {"gated_against": err.gated, "champion": err.now}
+        _refuse(root, Promotion(promoted=False, reason=str(err), fenced=fenced))
+    except PromotionError as err:
+        _refuse(root, Promotion(promoted=False, reason=str(err)))
+
+
 def run(params: Params, root: Path) -> dict:
     registration = Registration.load(root / paths.REGISTRATION)
+    exp = experiment.current()
     if not registration.registered:
         result = Promotion(promoted=False, reason="candidate rejected: " + "; ".join(registration.reasons))
+    elif exp is not None:
+        v = registration.version
+        result = Promotion(
+            promoted=False,
+            version=v,
+            experiment=exp.name,
+            reason=f"experiment {exp.name}: not promoted (v{v} is @{registration.alias}; promote it with "
+            f"`tollgate promote --version {v}`, or apply + commit and run on main)",
+        )
     else:
-        version = registration.version
-        needed = params.promote.shadow_min_requests
-        if needed:
-            seen = shadow_summary(root / params.monitor.folder, root / params.data.feedback, version)
-            if reason := online_gate(seen, version, needed, params.promote.shadow_max_disagreement):
-                _refuse(root, Promotion(promoted=False, reason=reason, shadow=seen))
-        gated_against = Verdict.load(root / paths.GATE_REPORT).champion_version
-        try:
-            with work():
-                result = promote(connect(params, root), params, root, version, gated_against)
-        except Fenced as err:
-            _refuse(
-                root,
-                Promotion(
-                    promoted=False, reason=str(err), fenced={"gated_against": err.gated, "champion": err.now}
-                ),
-            )
-        except PromotionError as err:
-            _refuse(root, Promotion(promoted=False, reason=str(err)))
+        result = _promote(params, root, registration.version)
     result.write(root / paths.PROMOTION)
     log(
         result.summary

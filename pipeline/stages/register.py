@@ -20,7 +20,7 @@ def run(params: Params, root: Path) -> dict:
     result.write(root / paths.REGISTRATION)
     if result.registered:
         again = " (already registered for this run)" if result.existed else ""
-        log(f"registered {result.name} v{result.version} @challenger{again}")
+        log(f"registered {result.name} v{result.version} @{result.alias}{again}")
     else:
         log("not registered: " + "; ".join(result.reasons))
     return result.model_dump(mode="json")

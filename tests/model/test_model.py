@@ -92,9 +92,9 @@ CFG = config("gate", min_accuracy=0.9, min_macro_f1=0.9, max_drop=0.01, warn_onl
 CLASSES = ["a", "b"]
 
 
-def gate(candidate, classes, cfg, champion) -> dict:
+def gate(candidate, classes, cfg, champion, correct=None) -> dict:
     """The verdict as the evaluate stage writes it to reports/gate.json."""
-    return gating.gate(candidate, classes, cfg, champion).model_dump(mode="json", by_alias=True)
+    return gating.gate(candidate, classes, cfg, champion, correct).model_dump(mode="json", by_alias=True)
 
 
 def gate_markdown(verdict: dict) -> str:
@@ -166,6 +166,47 @@ def test_gate_blocks_when_classes_differ_from_the_champion():
     verdict = gate(_candidate(accuracy=0.99), CLASSES, CFG, champion)
     assert not verdict["passed"]
     assert "other classes" in verdict["reasons"][0]
+
+
+def _paired(worse: int, better: int, n: int = 359):
+    """A champion right on every image but `better`, a candidate wrong on `worse` of those it gets."""
+    champion_right = np.ones(n, dtype=bool)
+    champion_right[:better] = False
+    candidate_right = ~champion_right.copy()
+    candidate_right[better:] = True
+    candidate_right[better : better + worse] = False
+    metrics = {"accuracy": champion_right.mean(), "macro_f1": champion_right.mean()}
+    champion = Champion("4", CLASSES, metrics, correct=champion_right)
+    return champion, candidate_right
+
+
+def test_a_significantly_worse_candidate_is_refused_whatever_max_drop():
+    champion, correct = _paired(worse=6, better=0)
+    generous = CFG.model_copy(update={"max_drop": 0.5})
+    accuracy = float(correct.mean())
+    verdict = gate(_candidate(accuracy=accuracy, macro_f1=accuracy), CLASSES, generous, champion, correct)
+    assert not verdict["passed"]
+    (row,) = [c for c in verdict["checks"] if c["check"] == "paired vs champion v4"]
+    assert row["value"] == pytest.approx(0.5**6) and row["threshold"] == 0.05 and not row["pass"]
+    assert "worse on 6 images, better on 0 of 359: significantly worse" in row["detail"]
+    assert verdict["paired"] == {
+        "champion": "4", "better": 0, "worse": 6, "images": 359, "p_value": round(0.5**6, 6),
+        "significance": 0.05, "max_drop": 0.5,
+    }  # fmt: skip
+    assert any(r.startswith("paired vs champion v4") for r in verdict["reasons"])
+
+
+def test_a_drop_within_noise_is_allowed_by_max_drop_and_says_so():
+    champion, correct = _paired(worse=3, better=0)
+    accuracy = float(correct.mean())
+    verdict = gate(_candidate(accuracy=accuracy, macro_f1=accuracy), CLASSES, CFG, champion, correct)
+    assert verdict["passed"], verdict["reasons"]
+    (row,) = [c for c in verdict["checks"] if c["check"] == "paired vs champion v4"]
+    within = "worse on 3 images, better on 0 of 359: a drop within noise (p = 0.125)"
+    assert row["detail"] == within + ": allowed by gate.max_drop 0.01"
+    champion, correct = _paired(worse=2, better=9)
+    verdict = gate(_candidate(accuracy=0.99, macro_f1=0.99), CLASSES, CFG, champion, correct)
+    assert verdict["paired"]["better"] == 9 and verdict["paired"]["p_value"] > 0.9 and verdict["passed"]
 
 
 def test_gate_markdown_has_one_row_per_check():
