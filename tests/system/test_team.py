@@ -353,7 +353,9 @@ def test_two_flows_from_two_checkouts_overlapping_at_the_alias_move_promote_in_t
     racers = {}
     for checkout, epochs in ((a, 12), (b, 13)):  # a new candidate in each checkout
         set_param(checkout, "train.epochs", epochs)
-        set_param(checkout, "gate.max_drop", 1.0)  # absolute bounds decide: both pass, also when re-gated
+        # absolute bounds decide: both pass, also when re-gated (the comparisons only warn)
+        set_param(checkout, "gate.max_drop", 1.0)
+        set_param(checkout, "gate.warn_only", ["max_p99_latency_ms", "significance"])
         racers[checkout] = _racer(checkout, ["tollgate", "flow"], _env(stack), lineup)
     try:
         logs = [log for _, log in racers.values()]
@@ -365,9 +367,13 @@ def test_two_flows_from_two_checkouts_overlapping_at_the_alias_move_promote_in_t
         for proc, _ in racers.values():
             proc.wait(timeout=600)
     finally:
+        for proc, _ in racers.values():  # whatever happened, no racer outlives the test
+            if proc.poll() is None:
+                proc.kill()
         for checkout in (a, b):
             set_param(checkout, "train.epochs", 14)
             set_param(checkout, "gate.max_drop", 0.01)
+            set_param(checkout, "gate.warn_only", ["max_p99_latency_ms"])
     promoted = {c: json.loads((c / paths.PROMOTION).read_text()) for c in (a, b)}
     first = next(c for c in (a, b) if promoted[c].get("previous") == before and promoted[c]["promoted"])
     second = b if first == a else a

@@ -47,8 +47,8 @@ async def metadata(request: Request, model_name: str, model_version: str | None 
 
 async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> dict:
     ctx = context_of(request)
-    served = ctx.model_named(model_name, model_version)
-    return {"name": ctx.name, "version": served.version, "ready": True}
+    ctx.model_named(model_name, model_version)
+    return {"name": ctx.name, "ready": True}
 
 
 def _parse(ctx: ServerContext, headers, body: bytes, shape: list[int]) -> oip.InferRequest:
