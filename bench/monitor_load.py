@@ -62,7 +62,8 @@ def _sum(text: str, name: str) -> float:
 def detection_delays(project: Path, n: int = 1000) -> dict:
     """Requests between the start of a distortion and the first flagged window (every 10 samples)."""
     from pipeline.core.config import load_params
-    from pipeline.monitoring import drift, shards
+    from pipeline.data import shards
+    from pipeline.monitoring import drift
     from pipeline.monitoring import report as monitor
     from pipeline.registry import store as tracking
 
@@ -85,7 +86,7 @@ def detection_delays(project: Path, n: int = 1000) -> dict:
             time.sleep(1.0)
         finally:
             server.stop()
-        rows = shards.read_latest(project / "data/live", shards.SAMPLES)
+        rows = shards.read_latest(shards.LocalFolder(project / "data/live"), shards.SAMPLES)
         version = str(rows["version"][-1])
         window = monitor.window_of(rows)
         reference = monitor.reference_of(store, NAME, version)

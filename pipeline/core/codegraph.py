@@ -133,3 +133,26 @@ def distributions(top_level: Iterable[str]) -> dict[str, str]:
             raise LookupError(f"no installed distribution provides the import {name!r}")
         out[name] = name if name in known[name] else known[name][0]
     return out
+
+
+def rewrite_stage_deps(dvc_yaml: Path) -> str:
+    """dvc.yaml's text with each stage's `pipeline/` deps replaced by the modules its command runs
+    (`python -m pipeline.core.codegraph` writes it back): what tests/code/test_consistency.py checks."""
+    import re
+
+    out, stage, in_deps = [], None, False
+    for line in dvc_yaml.read_text().splitlines():
+        if m := re.match(r"^  (\w+):$", line):
+            stage = m.group(1)
+        if line == "    deps:":
+            in_deps = True
+        elif in_deps and not line.startswith("      - "):
+            out += [f"      - {f}" for f in files(closure([f"{PACKAGE}.stages.{stage}"]))]
+            in_deps = False
+        if not (in_deps and line.startswith("      - pipeline/")):
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    (ROOT / "dvc.yaml").write_text(rewrite_stage_deps(ROOT / "dvc.yaml"))

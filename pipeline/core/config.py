@@ -164,6 +164,7 @@ class ServeConfig(_Section):
     follow_interval_s: float = Field(ge=0.0)
     shadow: bool
     shadow_queue: int = Field(ge=1)
+    api_docs: bool
 
 
 Target = Literal["local", "mlflow", "kserve", "torchserve"]  # pipeline/release/targets has one of each
@@ -190,6 +191,9 @@ class TorchServeConfig(_Section):
     token_auth: bool
 
 
+DriftCheck = Literal["prediction", "confidence", "input", "embedding", "mmd"]
+
+
 class MonitorConfig(_Section):
     sample_fraction: float = Field(ge=0.0, le=1.0)
     folder: str
@@ -205,7 +209,12 @@ class MonitorConfig(_Section):
     max_confidence_drop: float = Field(gt=0.0, le=1.0)
     max_input_shift: float = Field(gt=0.0, le=1.0)
     max_embedding_shift: float = Field(gt=0.0, le=1.0)
+    max_mmd: float = Field(gt=0.0)
+    mmd_permutations: int = Field(ge=10)
+    max_accuracy_drop: float = Field(gt=0.0, le=1.0)
+    blocking_checks: list[DriftCheck]
     metrics_every: int = Field(ge=1)
+    feedback_max_mb: float = Field(gt=0.0)
     retrain_deployment: str
 
 

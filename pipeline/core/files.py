@@ -59,10 +59,10 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
-def write_arrays(path: str | Path, arrays: dict) -> None:
-    """numpy arrays as an .npz (np.load reads it, no pickles), byte for byte the same for the same arrays:
-    np.savez stamps each member with the current time, which would make every model folder a new DVC
-    version."""
+def arrays_bytes(arrays: dict) -> bytes:
+    """numpy arrays as the bytes of an .npz (np.load reads it, no pickles), the same bytes for the same
+    arrays: np.savez stamps each member with the current time, which would make every model folder a new
+    DVC version."""
     import io
     import zipfile
 
@@ -74,7 +74,12 @@ def write_arrays(path: str | Path, arrays: dict) -> None:
             member = io.BytesIO()
             np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
             z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
-    write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_arrays(path: str | Path, arrays: dict) -> None:
+    """`arrays_bytes` written atomically to `path`."""
+    write_bytes(path, arrays_bytes(arrays))
 
 
 def load_json(path: str | Path) -> Any:

@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.core.config import DataConfig
 from pipeline.core.files import atomic_dir, file_sha256, load_json, write_json
+from pipeline.data import shards
 from pipeline.data.sources import FILE_COLUMNS, load_raw, with_feedback
 
 SPLITS = ("train", "val", "test")
@@ -147,13 +148,14 @@ def prepare(
     feedback_root: str | Path | None = None,
 ) -> dict:
     """Load `cfg.source` (files under `data_root`, default `cfg.root`), with `data.use_feedback` the
-    feedback images under `feedback_root` (default `cfg.feedback`), split it, and write the arrays, the file
-    table and the manifest into `out_dir` in one atomic step."""
+    feedback shards in `feedback_root` (default `cfg.feedback`: a folder, or an s3:// prefix), split it, and
+    write the arrays, the file table and the manifest into `out_dir` in one atomic step."""
     with atomic_dir(out_dir) as tmp:
         scratch = Path(tempfile.mkdtemp(dir=tmp))
         raw = load_raw(cfg, Path(data_root or cfg.root), scratch)
         if cfg.use_feedback:
-            raw = with_feedback(raw, cfg, Path(feedback_root or cfg.feedback), scratch)
+            folder = shards.open_folder(str(feedback_root or cfg.feedback), Path.cwd())
+            raw = with_feedback(raw, cfg, folder, scratch)
         idx = assign_splits(raw.y, raw.fixed, cfg, seed, image_hashes(raw.x))
         for name, i in idx.items():
             _save_rows(tmp / f"{name}_x.npy", raw.x, i)

@@ -226,41 +226,73 @@ def load_raw(cfg: DataConfig, root: Path, scratch: Path) -> Raw:
     return load_torchvision(cfg, root)
 
 
-def with_feedback(raw: Raw, cfg: DataConfig, folder: Path, scratch: Path) -> Raw:
-    """`raw` plus the labelled live inputs under `folder` (ImageFolder layout, written by POST /feedback),
-    converted to the data's image shape. The newest `data.feedback_holdout` of each class (file names start
-    with the time of the request) are pinned to the feedback slice, the rest to train; the frozen splits
-    do not move. Their file rows join the table, so validation judges feedback like any other file."""
-    h, w, c = raw.x.shape[1:]
-    if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
+def _feedback_files(folder, reading) -> list[dict]:
+    """File rows for what is in the feedback folder but is no readable feedback shard: refused by
+    validation by name (a damaged shard as unreadable, anything else as no image)."""
+    from pipeline.data import shards
+
+    rows = []
+    for name in sorted(folder.names()):
+        if name.startswith(".") or name == "README.md" or shards.NAME.match(name):
+            continue
+        rows.append({**dict.fromkeys(FILE_COLUMNS), "path": name, "class": "", "split": "feedback",
+                     "index": -1, "kind": "other", "error": "not a feedback shard"})  # fmt: skip
+    for damaged in reading.damaged:
+        name = damaged.split(": ", 1)[0].rsplit("/", 1)[-1]
+        rows.append({**dict.fromkeys(FILE_COLUMNS), "path": name, "class": "", "split": "feedback",
+                     "index": -1, "kind": "image", "error": f"unreadable: {damaged}"})  # fmt: skip
+    return rows
+
+
+def _fit(x: np.ndarray, h: int, w: int, c: int) -> np.ndarray:
+    """Feedback inputs in the data's image shape (a champion of other inputs sampled them otherwise)."""
+    from PIL import Image
+
+    if x.shape[1:] == (h, w, c):
+        return x
+    return np.stack([to_pixels(Image.fromarray(i[..., 0] if i.shape[-1] == 1 else i), h, w, c) for i in x])
+
+
+def with_feedback(raw: Raw, cfg: DataConfig, folder, scratch: Path) -> Raw:
+    """`raw` plus the labelled live inputs in the feedback folder (`pipeline.data.feedback`'s shards, the
+    newest label of each input), converted to the data's image shape. The newest `data.feedback_holdout`
+    of each class are pinned to the feedback slice, the rest to train; the frozen splits do not move.
+    Every feedback image gets a file row (`<shard>#<row>`), and whatever else lies in the folder too, so
+    validation judges feedback like any other file."""
+    from pipeline.data import shards
+    from pipeline.data.feedback import feedback_rows
+
+    reading = shards.Reading()
+    rows = feedback_rows(folder, reading)
+    extra = _feedback_files(folder, reading)
+    if not rows and not extra:
         return raw
-    as_folder = cfg.model_copy(update={"source": "imagefolder", "image_size": [h, w], "channels": c})
-    (scratch / "feedback").mkdir()
-    fb = load_imagefolder(as_folder, folder, scratch / "feedback")
-    unknown = sorted(set(fb.classes) - set(raw.classes))
+    h, w, c = raw.x.shape[1:]
+    labels = [str(v) for v in rows.get("label", [])]
+    unknown = sorted(set(labels) - set(raw.classes))
     if unknown:
         raise SourceError(
-            f"feedback in {folder} names classes the data does not have: {', '.join(unknown)} "
+            f"feedback in {folder.where} names classes the data does not have: {', '.join(unknown)} "
             f"(classes: {', '.join(raw.classes)})"
         )
-    y = np.array([raw.classes.index(fb.classes[k]) for k in fb.y], dtype=np.int64)
-    used = [r for r in fb.files if r["index"] >= 0]
+    x = _fit(rows["x"], h, w, c) if rows else np.empty((0, h, w, c), dtype=np.uint8)
+    y = np.array([raw.classes.index(lab) for lab in labels], dtype=np.int64)
     fixed = np.full(len(y), "train", dtype="<U8")
     for label in np.unique(y):
-        rows = sorted(np.flatnonzero(y == label), key=lambda i: Path(used[i]["path"]).name)
-        fixed[rows[len(rows) - int(round(len(rows) * cfg.feedback_holdout)) :]] = "feedback"
+        newest = np.flatnonzero(y == label)  # oldest first: feedback_rows orders by time
+        fixed[newest[len(newest) - int(round(len(newest) * cfg.feedback_holdout)) :]] = "feedback"
     offset = len(raw.x)
+    where = cfg.feedback.rstrip("/")
     files = list(raw.files)
-    for row in fb.files:
-        files.append(
-            {
-                **row,
-                "path": f"{cfg.feedback.rstrip('/')}/{row['path']}",
-                "index": row["index"] + offset if row["index"] >= 0 else -1,
-            }
-        )
+    for i, (request, item, label) in enumerate(
+        zip(rows.get("request", []), rows.get("item", []), labels, strict=True)
+    ):
+        files.append({**dict.fromkeys(FILE_COLUMNS), "path": f"{where}/{request}#{item}", "class": label,
+                      "split": "feedback", "index": offset + i, "kind": "image", "error": None,
+                      "height": h, "width": w, "channels": c})  # fmt: skip
+    files += [{**row, "path": f"{where}/{row['path']}"} for row in extra]
     return Raw(
-        np.concatenate([raw.x, fb.x]),
+        np.concatenate([raw.x, x]),
         np.concatenate([raw.y, y]),
         raw.classes,
         np.concatenate([raw.fixed.astype("<U8"), fixed]),

@@ -1,3 +1,3 @@
-"""What the served model meets in live traffic: drift against the training reference (`drift`), the
-sampled shards on disk (`shards`), labelled feedback images (`feedback`), what the shadow challenger did
-(`shadow_report`) and `tollgate monitor`'s report (`report`)."""
+"""What the served model meets in live traffic: drift against the training reference and the label-free
+accuracy estimate (`drift`), what the shadow challenger did (`shadow_report`) and `tollgate monitor`'s
+report (`report`). The shards they read are `pipeline.data.shards`."""

@@ -17,6 +17,17 @@ Univariate KS on a low-dimensional projection of the model's own features is wha
 (Rabanser et al., NeurIPS 2019) found detects shifts best for its cost; it needs scipy alone, runs in
 milliseconds on a 500-sample window (the server recomputes it as traffic flows), and each number is one
 a reader can check by hand. Evidently and alibi-detect wrap the same tests with far heavier dependencies.
+`tollgate monitor` adds a multivariate check, `mmd`: the kernel two-sample test (maximum mean discrepancy,
+Gaussian kernel at the median distance, permutation p-value) on the same projected embeddings, the test
+alibi-detect's MMDDrift runs, in a few lines of numpy.
+
+A shift that is significant is not necessarily one that costs accuracy. So the reference also records
+which of its images the model got right, and `estimate_accuracy` gives a label-free estimate of the
+accuracy on a live window: Average Thresholded Confidence (ATC, Garg et al., ICLR 2022), the share of
+live images whose confidence exceeds the threshold that, on the labelled validation images, is exceeded by
+exactly the share the model got right; with a Wilson interval. Retraining is for an estimated accuracy
+drop beyond `monitor.max_accuracy_drop` (or a check the user lists in `monitor.blocking_checks`), not for
+any significant statistic.
 """
 
 from __future__ import annotations
@@ -41,9 +52,21 @@ class Reference:
     center: np.ndarray  # (D,) embedding mean
     axes: np.ndarray  # (D, k) principal axes of the embeddings
     projected: np.ndarray  # (m, k) the reference embeddings on those axes
+    correct: np.ndarray | None = None  # (m,) whether the model got each image right (older models: None)
 
     def project(self, embeddings: np.ndarray) -> np.ndarray:
         return (embeddings.astype(np.float32) - self.center) @ self.axes
+
+    @property
+    def accuracy(self) -> float | None:
+        return None if self.correct is None else float(self.correct.mean())
+
+    @property
+    def atc_threshold(self) -> float | None:
+        """The confidence that the reference images exceed as often as the model was right on them."""
+        if self.correct is None:
+            return None
+        return float(np.quantile(self.confidence, 1.0 - self.accuracy, method="lower"))
 
 
 @dataclass(frozen=True)
@@ -72,9 +95,15 @@ def input_stats(x: np.ndarray) -> np.ndarray:
 
 
 def build_reference(
-    probs: np.ndarray, embeddings: np.ndarray, x: np.ndarray, n_classes: int, components: int
+    probs: np.ndarray,
+    embeddings: np.ndarray,
+    x: np.ndarray,
+    n_classes: int,
+    components: int,
+    y: np.ndarray | None = None,
 ) -> Reference:
-    """The reference of a model from its outputs on validation images (probabilities, embeddings, pixels)."""
+    """The reference of a model from its outputs on validation images (probabilities, embeddings, pixels)
+    and, with their labels `y`, which it got right."""
     pred = probs.argmax(axis=1)
     emb = embeddings.astype(np.float32)
     center = emb.mean(axis=0)
@@ -89,6 +118,7 @@ def build_reference(
         center=center,
         axes=axes,
         projected=(emb - center) @ axes,
+        correct=None if y is None else pred == np.asarray(y),
     )
 
 
@@ -102,22 +132,67 @@ def reference_for(model, train: Dataset, val: Dataset, seed: int, samples: int, 
     idx = np.sort(np.random.default_rng(seed).choice(len(source.y), n, replace=False))
     x = np.asarray(source.x[idx])
     probs, emb = predict_with_embeddings(model.cpu().eval(), x)
-    return build_reference(probs.numpy(), emb.numpy(), x, len(source.classes), components)
+    return build_reference(probs.numpy(), emb.numpy(), x, len(source.classes), components, source.y[idx])
+
+
+class DamagedReference(ValueError):
+    """A model folder's drift reference cannot be read; the message names the file."""
 
 
 def write_reference(folder: Path, ref: Reference) -> None:
     from pipeline.core.files import write_arrays
 
-    write_arrays(folder / REFERENCE, {k: getattr(ref, k) for k in Reference.__dataclass_fields__})
+    fields = {k: getattr(ref, k) for k in Reference.__dataclass_fields__}
+    write_arrays(folder / REFERENCE, {k: v for k, v in fields.items() if v is not None})
 
 
 def read_reference(folder: Path) -> Reference | None:
-    """The reference in a model folder, or None for a model trained before references existed."""
+    """The reference in a model folder, or None for a model trained before references existed. A damaged
+    one raises DamagedReference naming the file."""
+    import zipfile
+
     path = Path(folder) / REFERENCE
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as z:
-        return Reference(**{k: z[k] for k in Reference.__dataclass_fields__})
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Reference(**{k: z[k] for k in Reference.__dataclass_fields__ if k in z.files})
+    except (ValueError, EOFError, OSError, TypeError, zipfile.BadZipFile) as err:
+        raise DamagedReference(f"{REFERENCE} cannot be read ({type(err).__name__}: {err})") from None
+
+
+def estimate_accuracy(ref: Reference, confidence: np.ndarray, z: float = 1.96) -> dict | None:
+    """ATC: the share of `confidence` above the reference's threshold, with a Wilson interval; None for a
+    reference without labels."""
+    if ref.correct is None or len(confidence) == 0:
+        return None
+    n = len(confidence)
+    est = float((confidence > ref.atc_threshold).mean())
+    centre = (est + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(est * (1 - est) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"estimate": est, "low": float(max(0.0, centre - half)), "high": float(min(1.0, centre + half))}
+
+
+def mmd(live: np.ndarray, ref: np.ndarray, permutations: int, seed: int = 0) -> tuple[float, float]:
+    """Unbiased MMD² between two samples with a Gaussian kernel at the median pairwise distance, and its
+    permutation p-value (the share of random splits of the pooled sample at least as far apart)."""
+    rng = np.random.default_rng(seed)
+    ref = ref[rng.choice(len(ref), min(len(ref), len(live)), replace=False)]  # equal sizes, bounded cost
+    pooled = np.concatenate([live, ref]).astype(np.float64)
+    sq = (pooled * pooled).sum(1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * pooled @ pooled.T, 0.0)
+    kernel = np.exp(-d2 / max(np.median(d2[np.triu_indices(len(pooled), 1)]), 1e-12))
+    np.fill_diagonal(kernel, 0.0)
+    n, m = len(live), len(ref)
+
+    def statistic(order: np.ndarray) -> float:
+        a, b = order[:n], order[n:]
+        kxx, kyy, kxy = kernel[np.ix_(a, a)].sum(), kernel[np.ix_(b, b)].sum(), kernel[np.ix_(a, b)].sum()
+        return kxx / (n * (n - 1)) + kyy / (m * (m - 1)) - 2 * kxy / (n * m)
+
+    observed = statistic(np.arange(n + m))
+    null = [statistic(rng.permutation(n + m)) for _ in range(permutations)]
+    return float(observed), float((1 + sum(v >= observed for v in null)) / (1 + permutations))
 
 
 def _ks(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -134,33 +209,62 @@ def _ks_columns(live: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return max(s for s, _ in stats), min(1.0, min(p for _, p in stats) * len(stats))
 
 
-def compare(ref: Reference, window: Window, cfg: MonitorConfig) -> dict:
-    """Every check of `window` against `ref`: statistic, p-value, threshold, and whether it flags; `drift`
-    is True when any does. A window under `monitor.min_samples` gets no verdict (`drift` None)."""
+def _checks(ref: Reference, window: Window, cfg: MonitorConfig, multivariate: bool) -> dict:
+    """(effect, p-value, threshold) of every check."""
     from scipy.stats import chisquare
 
-    n = len(window)
-    out: dict = {"samples": n, "drift": None, "checks": {}}
-    if n < cfg.min_samples:
-        out["reason"] = f"{n} samples, fewer than monitor.min_samples {cfg.min_samples}: no verdict"
-        return out
-    k = len(ref.prior)
+    n, k = len(window), len(ref.prior)
     counts = np.bincount(window.pred, minlength=k)[:k]
-    live = counts / n
     # A class the reference never predicted gets a pseudo-count, so its appearance counts instead of dividing
     # by zero.
     expected = (ref.prior * len(ref.confidence) + 0.5) / (len(ref.confidence) + 0.5 * k)
     p_pred = float(chisquare(counts, expected * counts.sum()).pvalue)
-    checks = {"prediction": (float(0.5 * np.abs(live - ref.prior).sum()), p_pred, cfg.max_prediction_shift)}
+    checks = {
+        "prediction": (float(0.5 * np.abs(counts / n - ref.prior).sum()), p_pred, cfg.max_prediction_shift)
+    }
     _, p_conf = _ks(window.confidence, ref.confidence)
-    drop = float(ref.confidence.mean() - window.confidence.mean())
-    checks["confidence"] = (drop, p_conf, cfg.max_confidence_drop)
-    checks["input"] = (*_ks_columns(window.inputs, ref.inputs), cfg.max_input_shift)
-    checks["embedding"] = (
-        *_ks_columns(ref.project(window.embeddings), ref.projected),
-        cfg.max_embedding_shift,
+    checks["confidence"] = (
+        float(ref.confidence.mean() - window.confidence.mean()),
+        p_conf,
+        cfg.max_confidence_drop,
     )
-    for name, (effect, p, threshold) in checks.items():
+    checks["input"] = (*_ks_columns(window.inputs, ref.inputs), cfg.max_input_shift)
+    projected = ref.project(window.embeddings)
+    checks["embedding"] = (*_ks_columns(projected, ref.projected), cfg.max_embedding_shift)
+    if multivariate:
+        checks["mmd"] = (*mmd(projected, ref.projected, cfg.mmd_permutations), cfg.max_mmd)
+    return checks
+
+
+def _accuracy(ref: Reference, window: Window, cfg: MonitorConfig) -> dict | None:
+    """The label-free accuracy estimate of the window against the reference's, and whether its drop is
+    beyond `monitor.max_accuracy_drop` with the interval's upper end (a drop the estimate is sure of)."""
+    est = estimate_accuracy(ref, window.confidence)
+    if est is None:
+        return None
+    drop = ref.accuracy - est["estimate"]
+    return {
+        "method": "ATC (average thresholded confidence)",
+        "reference": round(ref.accuracy, 6),
+        "threshold_confidence": round(ref.atc_threshold, 6),
+        **{k: round(v, 6) for k, v in est.items()},
+        "drop": round(drop, 6),
+        "max_drop": cfg.max_accuracy_drop,
+        "flags": bool(ref.accuracy - est["high"] > cfg.max_accuracy_drop),
+    }
+
+
+def compare(ref: Reference, window: Window, cfg: MonitorConfig, multivariate: bool = False) -> dict:
+    """Every check of `window` against `ref` (with `multivariate`, MMD too): statistic, p-value, threshold,
+    and whether it flags; `drift` is True when any does. The accuracy estimate, and `retrain`: whether that
+    estimate dropped beyond `monitor.max_accuracy_drop`, or a check in `monitor.blocking_checks` flags. A
+    window under `monitor.min_samples` gets no verdict (`drift` None)."""
+    n = len(window)
+    out: dict = {"samples": n, "drift": None, "retrain": None, "checks": {}}
+    if n < cfg.min_samples:
+        out["reason"] = f"{n} samples, fewer than monitor.min_samples {cfg.min_samples}: no verdict"
+        return out
+    for name, (effect, p, threshold) in _checks(ref, window, cfg, multivariate).items():
         out["checks"][name] = {
             "effect": round(effect, 6),
             "p_value": p,
@@ -168,7 +272,17 @@ def compare(ref: Reference, window: Window, cfg: MonitorConfig) -> dict:
             "drift": bool(effect > threshold and p < cfg.p_value),
         }
     out["drift"] = any(c["drift"] for c in out["checks"].values())
-    out["live_prior"] = live.round(6).tolist()
+    out["accuracy"] = _accuracy(ref, window, cfg)
+    why = (
+        [f"estimated accuracy dropped by {out['accuracy']['drop']:.3f}"]
+        if (out["accuracy"] or {}).get("flags")
+        else []
+    )
+    why += [f"{c} (blocking)" for c in cfg.blocking_checks if out["checks"].get(c, {}).get("drift")]
+    out["retrain"] = bool(why)
+    out["retrain_reason"] = "; ".join(why) if why else "no estimated accuracy drop, no blocking check flags"
+    counts = np.bincount(window.pred, minlength=len(ref.prior))[: len(ref.prior)]
+    out["live_prior"] = (counts / n).round(6).tolist()
     out["reference_prior"] = ref.prior.round(6).tolist()
     out["confidence"] = {"reference": float(ref.confidence.mean()), "live": float(window.confidence.mean())}
     return out

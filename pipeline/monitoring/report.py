@@ -18,7 +18,9 @@ import numpy as np
 from pipeline.core import paths
 from pipeline.core.config import Params
 from pipeline.core.files import write_json, write_text
-from pipeline.monitoring import drift, shards
+from pipeline.data import shards
+from pipeline.data.feedback import feedback_labels
+from pipeline.monitoring import drift
 from pipeline.monitoring.shadow_report import shadow_summary
 from pipeline.registry import runs
 from pipeline.registry.store import Store, connect, model_uri
@@ -30,11 +32,46 @@ def window_of(rows: dict) -> drift.Window:
     )
 
 
-def reference_of(store: Store, name: str, version: str) -> drift.Reference:
-    ref = store.read_model_dir(model_uri(name, version), drift.read_reference)
+def reference_and_classes(store: Store, name: str, version: str) -> tuple[drift.Reference, list[str]]:
+    """The drift reference a version was registered with, and its classes (one download of its folder)."""
+    from pipeline.core.files import load_json
+    from pipeline.training.model import META
+
+    def read(folder: Path):
+        return drift.read_reference(folder), load_json(folder / META)["classes"]
+
+    try:
+        ref, classes = store.read_model_dir(model_uri(name, version), read)
+    except drift.DamagedReference as err:
+        raise LookupError(
+            f"{name} v{version}'s {err}: re-register it (dvc repro) or roll back to another"
+        ) from None
     if ref is None:
         raise LookupError(f"{name} v{version} carries no drift reference (trained before tollgate kept one)")
-    return ref
+    return ref, classes
+
+
+def reference_of(store: Store, name: str, version: str) -> drift.Reference:
+    return reference_and_classes(store, name, version)[0]
+
+
+def _measured(rows: dict, feedback: shards.Folder, reference: drift.Reference) -> dict | None:
+    """Accuracy on the window's images users labelled (POST /feedback), beside the estimate on the same
+    images: how far the label-free estimate is off, where labels say."""
+    labels = feedback_labels(feedback)
+    truth = [labels.get((str(r), int(i))) for r, i in zip(rows["request"], rows["item"], strict=True)]
+    labelled = np.array([t is not None for t in truth])
+    if not labelled.any() or reference.correct is None:
+        return None
+    names = np.array([str(rows["classes"][p]) for p in rows["pred"][labelled]])
+    measured = float((names == np.array([t for t in truth if t is not None])).mean())
+    estimate = drift.estimate_accuracy(reference, rows["confidence"][labelled])["estimate"]
+    return {
+        "labelled": int(labelled.sum()),
+        "measured": measured,
+        "estimate": estimate,
+        "error": estimate - measured,
+    }
 
 
 def check(
@@ -42,21 +79,25 @@ def check(
 ) -> tuple[dict, drift.Reference | None, drift.Window | None]:
     """(report, reference, window) for the newest live samples of the version that served them last."""
     cfg, name = params.monitor, params.registry.model_name
-    folder = root / cfg.folder
-    newest = shards.read_latest(folder, shards.SAMPLES, 1)
-    report: dict = {"model": name, "checked_at": time.time(), "folder": cfg.folder}
+    folder = shards.open_folder(cfg.folder, root)
+    reading = shards.Reading()
+    newest = shards.read_latest(folder, shards.SAMPLES, 1, reading=reading)
+    report: dict = {"model": name, "checked_at": time.time(), "folder": folder.where}
     if not newest:
-        return (
-            {**report, "drift": None, "samples": 0, "reason": f"no live samples in {cfg.folder}"},
-            None,
-            None,
-        )
+        reason = f"no live samples in {folder.where}"
+        return {**report, "drift": None, "retrain": None, "samples": 0, "reason": reason,
+                "damaged_shards": reading.damaged}, None, None  # fmt: skip
     version = str(newest["version"][-1])
-    rows = shards.read_latest(folder, shards.SAMPLES, cfg.window, version)
-    reference = reference_of(store, name, version)
+    rows = shards.read_latest(folder, shards.SAMPLES, cfg.window, version, reading)
+    reference, rows["classes"] = reference_and_classes(store, name, version)
     window = window_of(rows)
     report.update(version=version, window={"from": float(rows["time"][0]), "to": float(rows["time"][-1])})
-    report.update(drift.compare(reference, window, cfg))
+    report.update(drift.compare(reference, window, cfg, multivariate=True))
+    if report.get("accuracy") is not None:
+        report["accuracy"]["measured"] = _measured(
+            rows, shards.open_folder(params.data.feedback, root), reference
+        )
+    report["damaged_shards"] = reading.damaged
     return report, reference, window
 
 
@@ -80,17 +121,37 @@ def summary(report: dict) -> str:
     lines = [
         f"monitor: {report['model']} v{report['version']}, {report['samples']} samples: "
         + ("DRIFT" if report["drift"] else "no drift")
+        + ("; RETRAIN: " if report["retrain"] else "; no retraining: ")
+        + report["retrain_reason"]
     ]
+    acc = report.get("accuracy")
+    if acc:
+        lines.append(
+            f"  accuracy   estimated {acc['estimate']:.4f} [{acc['low']:.4f}, {acc['high']:.4f}] "
+            f"({acc['method']}; {acc['reference']:.4f} at training)"
+        )
+        if acc.get("measured"):
+            m = acc["measured"]
+            lines.append(
+                f"             measured {m['measured']:.4f} on {m['labelled']} labelled images "
+                f"(estimate there {m['estimate']:.4f}, off by {m['error']:+.4f})"
+            )
     for name, c in report["checks"].items():
         mark = "DRIFT" if c["drift"] else "ok"
         lines.append(
             f"  {name:<10} effect {c['effect']:.4f} (threshold {c['threshold']}) p {c['p_value']:.2e}  {mark}"
         )
+    if report.get("damaged_shards"):
+        lines.append(
+            f"  skipped {len(report['damaged_shards'])} damaged shard(s): {report['damaged_shards'][0]}"
+        )
     return "\n".join(lines)
 
 
 def shadow(params: Params, root: Path) -> dict:
-    report = shadow_summary(root / params.monitor.folder, root / params.data.feedback)
+    report = shadow_summary(
+        shards.open_folder(params.monitor.folder, root), shards.open_folder(params.data.feedback, root)
+    )
     write_json(root / paths.SHADOW_REPORT, report)
     return report
 
@@ -142,10 +203,18 @@ def render_html(report: dict, reference: drift.Reference | None, window: drift.W
         encoded = base64.b64encode(buf.getvalue()).decode()
         image = f'<img alt="distributions" src="data:image/png;base64,{encoded}">'
     verdict = {None: "no verdict", True: "DRIFT", False: "no drift"}[report["drift"]]
+    acc = report.get("accuracy")
+    estimate = (
+        f"<p>Estimated accuracy {acc['estimate']:.4f} (95 % interval {acc['low']:.4f} to {acc['high']:.4f}; "
+        f"{escape(acc['method'])}), {acc['reference']:.4f} at training. "
+        f"Retrain: {'yes' if report['retrain'] else 'no'} ({escape(report['retrain_reason'])}).</p>"
+        if acc
+        else ""
+    )
     return (
         "<!doctype html><meta charset=utf-8><title>tollgate monitor</title>"
         f"<h1>{escape(report['model'])} v{escape(str(report.get('version', '-')))}: {verdict}</h1>"
-        f"<p>{report.get('samples', 0)} live samples. {escape(report.get('reason', ''))}</p>"
+        f"<p>{report.get('samples', 0)} live samples. {escape(report.get('reason', ''))}</p>{estimate}"
         "<table border=1 cellpadding=4><tr><th>check</th><th>effect</th><th>threshold</th><th>p-value</th>"
         f"<th>result</th></tr>{rows}</table>{image}\n"
     )

@@ -136,6 +136,11 @@ def log_monitoring(store: Store, name: str, report: dict, files: list[Path]) -> 
         for check, result in report["checks"].items()
         for suffix, key in (("_effect", "effect"), ("_p_value", "p_value"), ("", "drift"))
     }
+    accuracy = report.get("accuracy") or {}
+    figures.update(
+        {f"accuracy_{k}": float(accuracy[k]) for k in ("estimate", "low", "high", "drop") if k in accuracy}
+    )
+    figures["retrain"] = float(bool(report.get("retrain")))
     # One request for all of them: against a tracking server each log_* call is a round trip.
     store.client.log_batch(
         run_id,

@@ -164,6 +164,9 @@ def local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
+CONNECTED: list[str] = []  # the stores this process connected to, for messages that name them
+
+
 def connect(params: Params, root: Path) -> Store:
     """Point mlflow at the project's store, make its experiment the active one, and return the Store."""
     import mlflow
@@ -172,6 +175,7 @@ def connect(params: Params, root: Path) -> Store:
     # Stage logs are read by people and CI: no progress bars for millisecond-long local downloads.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri(params, root)
+    CONNECTED.append(uri)
     if uri.startswith(("http://", "https://")):
         # MLflow's defaults retry a dead server for about four minutes; a stage should fail within one,
         # naming the server (the user's own MLFLOW_HTTP_REQUEST_* settings win).
@@ -203,12 +207,23 @@ def connect(params: Params, root: Path) -> Store:
 
 
 def tracking_failure(err: BaseException) -> str | None:
-    """A tracking-store failure in words that name the store, or None for any other error. Reads only
-    whether mlflow is loaded: a command that never touched the store pays no import for asking."""
+    """A tracking-store failure in words that name the store and what to do, or None for any other error.
+    Reads only whether mlflow (and SQLAlchemy) are loaded: a command that never touched the store pays no
+    import for asking."""
     import sys
 
     mlflow_exceptions = sys.modules.get("mlflow.exceptions")
-    if mlflow_exceptions is None or not isinstance(err, mlflow_exceptions.MlflowException):
+    sqlalchemy_exc = sys.modules.get("sqlalchemy.exc")
+    if mlflow_exceptions is not None and isinstance(err, mlflow_exceptions.MlflowException):
+        message = err.message
+    elif sqlalchemy_exc is not None and isinstance(err, sqlalchemy_exc.OperationalError):
+        message = str(err.orig)
+    else:
         return None
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "the local store")
-    return f"the MLflow tracking server ({uri}) failed: {err.message}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (CONNECTED[-1] if CONNECTED else "the local store")
+    if "database is locked" in message:
+        return (
+            f"the MLflow tracking store ({uri}) is locked by another process: wait for it to finish and run "
+            "again (several writers at once want a tracking server: MLFLOW_TRACKING_URI)"
+        )
+    return f"the MLflow tracking server ({uri}) failed: {message}"

@@ -35,7 +35,9 @@ from pipeline.serving.routes import admin, feedback, images, oip, scoring
 from pipeline.serving.routes.scoring import ScoringRoute
 
 
-def _context(params: Params, slot: ModelSlot, token: str, root: Path | None) -> ServerContext:
+def _context(
+    params: Params, slot: ModelSlot, token: str, root: Path | None, feedback_token: str | None
+) -> ServerContext:
     cfg = params.serve
     metrics = Metrics()
     if slot.current is not None:
@@ -46,7 +48,7 @@ def _context(params: Params, slot: ModelSlot, token: str, root: Path | None) -> 
         params=params,
         slot=slot,
         token=token,
-        feedback_token=os.environ.get("TOLLGATE_FEEDBACK_TOKEN") or token,
+        feedback_token=feedback_token or feedback_token_from_env(),
         metrics=metrics,
         root=root,
         follows=slot.model_uri is None and cfg.follow_interval_s > 0,
@@ -60,9 +62,11 @@ def _start_workers(ctx: ServerContext) -> None:
     params = ctx.params
     if ctx.root is None or params.monitor.sample_fraction <= 0:
         return
+    from pipeline.data.shards import open_folder
     from pipeline.serving.sampling import Sampler
 
-    folder = ctx.root / params.monitor.folder
+    folder = open_folder(params.monitor.folder, ctx.root)
+    ctx.feedback_folder = open_folder(params.data.feedback, ctx.root)
     ctx.workers["sampler"] = Sampler(params.monitor, folder, ctx.metrics)
     if params.serve.shadow:
         from pipeline.serving.shadow import Shadow
@@ -92,13 +96,25 @@ def _error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(request.url.path, 422, where), status_code=422)
 
 
+def feedback_token_from_env() -> str:
+    """TOLLGATE_FEEDBACK_TOKEN, else a token of its own: whoever labels inputs does not hold the admin
+    token that moves the served model."""
+    return os.environ.get("TOLLGATE_FEEDBACK_TOKEN") or secrets.token_urlsafe(24)
+
+
 def create_app(
-    params: Params, slot: ModelSlot, token: str, on_shutdown=None, root: Path | None = None
+    params: Params,
+    slot: ModelSlot,
+    token: str,
+    on_shutdown=None,
+    root: Path | None = None,
+    feedback_token: str | None = None,
 ) -> FastAPI:
     """The server's routes around `slot`. With `root` (a champion-following server in its checkout) it also
     samples live traffic into `monitor.folder`, takes feedback into `data.feedback`, and with
-    `serve.shadow` runs @challenger in shadow."""
-    ctx = _context(params, slot, token, root)
+    `serve.shadow` runs @challenger in shadow. The API's own reference pages (/docs, /redoc,
+    /openapi.json) are served only with `serve.api_docs`: they list the admin routes to anyone who asks."""
+    ctx = _context(params, slot, token, root, feedback_token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -117,7 +133,15 @@ def create_app(
         if on_shutdown is not None:
             on_shutdown()
 
-    app = FastAPI(title="tollgate", version="1", lifespan=lifespan)
+    docs = params.serve.api_docs
+    app = FastAPI(
+        title="tollgate",
+        version="1",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.ctx = ctx
 
     _error_handlers(app)
@@ -177,13 +201,14 @@ def serve(
     store = connect(params, root)
     slot = ModelSlot(store, params.registry.model_name, model_uri)
     token = os.environ.get("TOLLGATE_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+    feedback_token = feedback_token_from_env()
     sock = _bind(host or cfg.host, cfg.port if port is None else port)
     url = f"http://{url_host(host or cfg.host)}:{sock.getsockname()[1]}"
     follows, me = model_uri is None, os.getpid()
     with startup(store) if follows and startup else contextlib.nullcontext():
         _load_first(slot, url)
         if follows:
-            state.publish(root, state.this_process(url, token))
+            state.publish(root, state.this_process(url, token, feedback_token))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     app = create_app(
@@ -192,6 +217,7 @@ def serve(
         token,
         on_shutdown=(lambda: state.withdraw(root, me)) if follows else None,
         root=root if follows else None,
+        feedback_token=feedback_token,
     )
     config = uvicorn.Config(
         app,

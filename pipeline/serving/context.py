@@ -14,7 +14,7 @@ import numpy as np
 from fastapi import Request
 
 from pipeline.core.config import Params
-from pipeline.monitoring.shards import REQUEST_ID
+from pipeline.data.shards import REQUEST_ID
 from pipeline.serving import protocols
 from pipeline.serving.batching import Batcher, ModelSlot, Served
 from pipeline.serving.prometheus import Metrics
@@ -37,6 +37,7 @@ class ServerContext:
     followed: dict  # the alias, interval, last check and last error, for /metrics and the OIP metadata
     batcher: Batcher | None = None  # set when the app starts
     workers: dict = field(default_factory=dict)  # "sampler", "shadow": the live-traffic workers running
+    feedback_folder: object = None  # where /feedback stores labelled inputs (a shards.Folder), with sampling
 
     @property
     def name(self) -> str:

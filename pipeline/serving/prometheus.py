@@ -64,6 +64,12 @@ class Metrics:
         self.drift_flag = Gauge(
             "tollgate_drift_detected", "1 when the check flags drift now", ["check"], registry=self.registry
         )
+        self.accuracy = Gauge(
+            "tollgate_accuracy_estimate",
+            "Label-free accuracy estimate (ATC) of the rolling window, and its interval",
+            ["bound"],
+            registry=self.registry,
+        )
         self.feedback = Counter(
             "tollgate_feedback", "POST /feedback answers by status", ["code"], registry=self.registry
         )

@@ -34,7 +34,7 @@ def error_body(path: str, status: int, message: str) -> dict:
     `{"detail"}` elsewhere."""
     if path == "/v2" or path.startswith("/v2/"):
         return {"error": message}
-    code = {400: "BAD_REQUEST", 404: "RESOURCE_DOES_NOT_EXIST", 413: "BAD_REQUEST", 415: "BAD_REQUEST"}
+    code = {404: "RESOURCE_DOES_NOT_EXIST", 503: "TEMPORARILY_UNAVAILABLE"}
     return {"error_code": code.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST"),
             "message": message, "detail": message}  # fmt: skip
 

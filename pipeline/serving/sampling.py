@@ -1,9 +1,11 @@
 """Live sampling off the request path: a request picked with probability `monitor.sample_fraction` hands
 its model input, prediction and embeddings to a bounded queue (never waiting: when the queue is full the
 sample is dropped and counted), and one writer thread turns the queue into shards
-(pipeline/monitoring/shards.py), applies the size bound and retention, keeps the rolling drift figures of
+(pipeline/data/shards.py), applies the size bound and retention, keeps the rolling drift figures of
 `/metrics` current, and remembers where each sampled request went so that `POST /feedback` can find its
-input.
+input (in this server's memory, else in the shared folder, where any replica may have sampled it). A
+request id need not be unique (clients retry with theirs): every sample taken is written or counted as
+dropped, and feedback labels the newest sample of an id.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import collections
 import random
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.core import failpoints
 from pipeline.core.config import MonitorConfig
-from pipeline.monitoring import drift, shards
+from pipeline.data import shards
+from pipeline.monitoring import drift
 from pipeline.serving.prometheus import Metrics
 from pipeline.serving.worker import STOP, Worker
 
@@ -27,15 +29,16 @@ REMEMBERED = 200_000
 
 
 class Sampler(Worker):
-    def __init__(self, cfg: MonitorConfig, folder: Path, metrics: Metrics):
+    def __init__(self, cfg: MonitorConfig, folder: shards.Folder, metrics: Metrics):
         super().__init__(cfg.queue_size, "sampler")
         self.cfg = cfg
         self.folder = folder
         self.metrics = metrics
         self._lock = threading.Lock()
-        self._pending: dict[str, tuple] = {}  # request id -> its rows, until written
+        self._pending: list[tuple] = []  # samples taken, until written: (when, request, version, x, ...)
         self._pending_rows = 0  # images in _pending: checked after every request, so not recounted
-        self._where: collections.OrderedDict[str, Path] = collections.OrderedDict()
+        self._newest: dict[str, tuple] = {}  # request id -> its newest pending sample
+        self._where: collections.OrderedDict[str, str] = collections.OrderedDict()  # request id -> shard
         self._rolling: collections.deque = collections.deque()  # (version, Window) per request
         self._rolling_rows = 0
         self._since_figures = 0
@@ -51,20 +54,19 @@ class Sampler(Worker):
             self.metrics.samples_dropped.inc(len(x))
 
     def find(self, request: str) -> tuple[str, np.ndarray] | None:
-        """(served version, inputs) of a sampled request, or None if it was not sampled or is forgotten."""
+        """(served version, inputs) of the newest sample of a request: pending here, written by this server,
+        or written by any server sharing the folder; None if no sample of it is kept."""
         with self._lock:
-            rows = self._pending.get(request)
+            rows = self._newest.get(request)
             if rows is not None:
                 return rows[2], rows[3]
-            path = self._where.get(request)
-        if path is None:
-            return None
-        try:
-            shard = shards.read_shard(path)
-        except (OSError, ValueError):  # removed by retention
-            return None
-        keep = shard["request"] == request
-        return str(shard["version"][keep][0]), shard["x"][keep][np.argsort(shard["item"][keep])]
+            name = self._where.get(request)
+        names = [name] if name is not None else reversed(shards.shard_names(self.folder, shards.SAMPLES))
+        for candidate in names:
+            found = _in_shard(self.folder, candidate, request)
+            if found is not None:
+                return found
+        return None
 
     def _run(self) -> None:
         first = None
@@ -87,6 +89,7 @@ class Sampler(Worker):
                 with self._lock:
                     lost, self._pending_rows = self._pending_rows, 0
                     self._pending.clear()
+                    self._newest.clear()
                 self.metrics.samples_dropped.inc(lost)
                 first = None
                 print(
@@ -99,8 +102,10 @@ class Sampler(Worker):
         x = shards.model_input(x)
         pred = probs.argmax(axis=1)
         conf = probs.max(axis=1)
+        record = (when, request, served.version, x, pred, conf, embeddings)
         with self._lock:
-            self._pending[request] = (when, request, served.version, x, pred, conf, embeddings)
+            self._pending.append(record)
+            self._newest[request] = record
             self._pending_rows += len(x)
         self.metrics.samples.inc(len(x))
         if served.reference is not None:
@@ -126,11 +131,13 @@ class Sampler(Worker):
         for name, check in result["checks"].items():
             self.metrics.drift_effect.labels(name).set(check["effect"])
             self.metrics.drift_flag.labels(name).set(1 if check["drift"] else 0)
+        for bound in ("estimate", "low", "high") if result.get("accuracy") else ():
+            self.metrics.accuracy.labels(bound).set(result["accuracy"][bound])
 
     def _flush(self) -> None:
         """Write the pending rows, a shard per kind of input and embedding (a new champion may differ)."""
         with self._lock:
-            pending = list(self._pending.values())
+            pending = list(self._pending)
         groups: dict[tuple, list] = {}
         for r in pending:
             groups.setdefault((r[3].shape[1:], r[3].dtype.str, r[6].shape[1:]), []).append(r)
@@ -150,18 +157,36 @@ class Sampler(Worker):
             "time": np.concatenate([np.full(len(r[3]), r[0]) for r in rows]),
         }
         self._seq += 1
-        path = shards.shard_path(self.folder, shards.SAMPLES, rows[0][0], self._seq)
+        name = shards.shard_name(shards.SAMPLES, rows[0][0], self._seq)
         try:
-            shards.write_shard(path, columns)
-        except OSError as err:  # a full disk must not take serving down: count and go on
+            shards.write_shard(self.folder, name, columns)
+        except Exception as err:  # noqa: BLE001 - a full disk or a lost bucket must not take serving down
             self.metrics.samples_dropped.inc(len(columns["x"]))
-            print(f"[tollgate] cannot write live samples to {path}: {err}", flush=True)
-            path = None
+            print(f"[tollgate] cannot write live samples to {self.folder.where}/{name}: {err}", flush=True)
+            name = None
+        written = {id(r) for r in rows}
         with self._lock:
+            self._pending = [r for r in self._pending if id(r) not in written]
+            self._pending_rows -= len(columns["x"])
             for r in rows:
-                gone = self._pending.pop(r[1], None)
-                self._pending_rows -= len(gone[3]) if gone is not None else 0
-                if path is not None:
-                    self._where[r[1]] = path
+                if self._newest.get(r[1]) is r:
+                    del self._newest[r[1]]
+                if name is not None:
+                    self._where[r[1]] = name
+                    self._where.move_to_end(r[1])
             while len(self._where) > REMEMBERED:
                 self._where.popitem(last=False)
+
+
+def _in_shard(folder: shards.Folder, name: str, request: str) -> tuple[str, np.ndarray] | None:
+    """(version, inputs) of the newest sample of `request` in one shard, or None (not there, or the shard
+    is gone or damaged)."""
+    try:
+        shard = shards.read_shard(folder, name)
+    except (FileNotFoundError, shards.DamagedShard):
+        return None
+    keep = shard["request"] == request
+    if not keep.any():
+        return None
+    keep &= shard["time"] == shard["time"][keep].max()  # a reused id: its newest request
+    return str(shard["version"][keep][0]), shard["x"][keep][np.argsort(shard["item"][keep])]

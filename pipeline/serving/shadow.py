@@ -8,12 +8,11 @@ counted, and the champion's path does not wait on it.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.core import failpoints
-from pipeline.monitoring import shards
+from pipeline.data import shards
 from pipeline.registry.store import CHALLENGER
 from pipeline.serving.batching import ModelSlot, NoModel
 from pipeline.serving.prometheus import Metrics
@@ -22,7 +21,7 @@ from pipeline.training.model import predict_proba
 
 
 class Shadow(Worker):
-    def __init__(self, slot: ModelSlot, size: int, folder: Path, flush_s: float, metrics: Metrics):
+    def __init__(self, slot: ModelSlot, size: int, folder: shards.Folder, flush_s: float, metrics: Metrics):
         super().__init__(size, "shadow")
         self.slot = slot
         self.folder = folder
@@ -113,7 +112,7 @@ class Shadow(Worker):
         columns = {k: np.array([r[k] for r in rows]) for k in rows[0]}
         try:
             shards.write_shard(
-                shards.shard_path(self.folder, shards.SHADOW, rows[0]["time"], self._seq), columns
+                self.folder, shards.shard_name(shards.SHADOW, rows[0]["time"], self._seq), columns
             )
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - a full disk or a lost bucket: the champion never notices
             print(f"[tollgate] shadow: cannot write records: {err}", flush=True)

@@ -1,9 +1,10 @@
 """`.tollgate/server.json`: how promotion finds the champion-following `tollgate serve` of a checkout.
 
-The server publishes it only once it listens, atomically and readable by its owner alone (it holds the admin
-token), and withdraws it on every way out, but only if the file is still its own: a second server that
-failed to bind must not delete the first one's. A file whose process is gone (killed with SIGKILL) is stale;
-one whose process lives but does not answer is a server in trouble, which promotion must not ignore.
+The server publishes it only once it listens, atomically and readable by its owner alone (it holds the
+admin and feedback tokens), and withdraws it on every way out, but only if the file is still its own: a
+second server that failed to bind must not delete the first one's. A file whose process is gone (killed
+with SIGKILL) is stale; one whose process lives but does not answer is a server in trouble, which
+promotion must not ignore.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class ServerState:
     token: str
     pid: int
     started: float  # the process's start time: a recycled pid is not the same server
+    feedback_token: str = ""  # what POST /feedback wants (labellers hold this one, not the admin token)
 
     def alive(self) -> bool:
         import psutil
@@ -34,10 +36,10 @@ class ServerState:
             return False
 
 
-def this_process(url: str, token: str) -> ServerState:
+def this_process(url: str, token: str, feedback_token: str = "") -> ServerState:
     import psutil
 
-    return ServerState(url, token, os.getpid(), psutil.Process().create_time())
+    return ServerState(url, token, os.getpid(), psutil.Process().create_time(), feedback_token)
 
 
 def publish(root: Path, state: ServerState) -> None:

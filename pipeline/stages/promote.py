@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline.core import experiment, paths
 from pipeline.core.config import Params
+from pipeline.data.shards import open_folder
 from pipeline.evaluation.online import online_gate
 from pipeline.evaluation.verdict import Verdict
 from pipeline.monitoring.shadow_report import shadow_summary
@@ -27,7 +28,9 @@ def _refuse(root: Path, result: Promotion) -> None:
 def _promote(params: Params, root: Path, version: str) -> Promotion:
     needed = params.promote.shadow_min_requests
     if needed:
-        seen = shadow_summary(root / params.monitor.folder, root / params.data.feedback, version)
+        seen = shadow_summary(
+            open_folder(params.monitor.folder, root), open_folder(params.data.feedback, root), version
+        )
         if reason := online_gate(seen, version, needed, params.promote.shadow_max_disagreement):
             _refuse(root, Promotion(promoted=False, reason=reason, shadow=seen))
     gated_against = Verdict.load(root / paths.GATE_REPORT).champion_version

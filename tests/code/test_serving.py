@@ -282,3 +282,39 @@ def test_json_parsers_keep_integers_exact_and_refuse_ragged_arrays():
     with pytest.raises(Refused) as err:
         protocols.pixels_from_image(_png((5000, 5000)), SHAPE, 1000)
     assert err.value.status == 413 and "5000x5000" in err.value.detail
+
+
+def test_the_api_reference_pages_are_served_only_when_asked():
+    from fastapi.testclient import TestClient
+
+    with TestClient(_app()) as c:
+        assert [c.get(p).status_code for p in ("/docs", "/redoc", "/openapi.json")] == [404, 404, 404]
+    with TestClient(_app(api_docs=True)) as c:
+        assert [c.get(p).status_code for p in ("/docs", "/redoc", "/openapi.json")] == [200, 200, 200]
+
+
+def test_feedback_has_a_token_of_its_own_and_a_size_bound(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from pipeline.serving.app import create_app
+
+    monkeypatch.delenv("TOLLGATE_FEEDBACK_TOKEN", raising=False)
+    params = load_params(ROOT / "params.yaml")
+    monitor = params.monitor.model_copy(update={"sample_fraction": 1.0, "feedback_max_mb": 0.0001})
+    params = params.model_copy(update={"monitor": monitor})
+    app = _app()
+    slot = app.state.ctx.slot
+    with TestClient(create_app(params, slot, TOKEN, root=tmp_path)) as c:
+        ctx = c.app.state.ctx
+        assert ctx.feedback_token and ctx.feedback_token != TOKEN  # the admin token labels nothing
+        out = c.post("/invocations", content=_json({"inputs": np.zeros((1, *SHAPE)).tolist()}), headers=JSON)
+        rid = out.json()["request_id"]
+        label = {"request_id": rid, "label": "3"}
+        admin = c.post(
+            "/feedback", content=_json(label), headers={**JSON, "Authorization": f"Bearer {TOKEN}"}
+        )
+        assert admin.status_code == 401
+        auth = {**JSON, "Authorization": f"Bearer {ctx.feedback_token}"}
+        assert c.post("/feedback", content=_json(label), headers=auth).status_code == 201
+        full = c.post("/feedback", content=_json(label), headers=auth)  # one shard is over 0.0001 MB
+        assert full.status_code == 507 and "monitor.feedback_max_mb" in full.json()["detail"]

@@ -5,14 +5,15 @@ import numpy as np
 import pytest
 
 from pipeline.core.config import load_params
+from pipeline.data import feedback, shards
 from pipeline.data.prepared import load_split, prepare
 from pipeline.data.sources import SourceError, load_digits
-from pipeline.monitoring import feedback
 from tests.support import ROOT
 
 
-def _feedback(folder, n_per_class: int = 10, classes=("3", "7")) -> None:
+def _feedback(path, n_per_class: int = 10, classes=("3", "7")) -> None:
     digits = load_digits()
+    folder = shards.LocalFolder(path)
     for k, label in enumerate(classes):
         rows = np.flatnonzero(digits.y == (int(label) if label.isdigit() else k))[:n_per_class]
         for i, row in enumerate(rows):
@@ -36,11 +37,10 @@ def test_feedback_joins_train_and_its_newest_form_a_slice_while_the_frozen_split
     for split in ("val", "test"):
         a, b = load_split(tmp_path / "without", split), load_split(tmp_path / "with", split)
         assert np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y)
-    # the newest files (their names start with the time) are the held-out slice
-    names = sorted(p.name for p in (tmp_path / "feedback" / "3").iterdir())
+    # the newest labels are the held-out slice, each named by its request in the file table
     table = (tmp_path / "with" / "files.csv").read_text()
-    for name in names[-3:]:
-        assert f"3/{name},3,feedback," in table
+    for i in range(7, 10):
+        assert f"data/feedback/req3x{i:03d}#0,3,feedback," in table
 
 
 def test_malformed_feedback_is_refused_by_validation_naming_the_files(tmp_path):
@@ -48,14 +48,18 @@ def test_malformed_feedback_is_refused_by_validation_naming_the_files(tmp_path):
 
     folder = tmp_path / "feedback"
     _feedback(folder)
-    feedback.save_feedback(folder, "3", "blank", 0, np.zeros((8, 8, 1)))  # a blank "image"
-    (folder / "7" / "notes.txt").write_text("not an image")
+    feedback.save_feedback(
+        shards.LocalFolder(folder), "3", "blank", 0, np.zeros((8, 8, 1))
+    )  # a blank "image"
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "feedback-0000000000001-1-000001.npz").write_bytes(b"PK\x03\x04 truncated")
     params = _params(True)
     prepare(params.data, params.seed, tmp_path / "prepared", feedback_root=folder)
     report = run_suite(tmp_path / "prepared", params.validate_)
     assert not report["passed"]
     failures = "\n".join(report["failures"])
-    assert "non_image" in failures or "notes.txt" in failures
+    assert "notes.txt (not a feedback shard)" in failures
+    assert "feedback-0000000000001-1-000001.npz (unreadable" in failures
     assert "blank" in failures
 
 
@@ -66,10 +70,24 @@ def test_feedback_for_a_class_the_data_lacks_is_refused(tmp_path):
         prepare(params.data, params.seed, tmp_path / "prepared", feedback_root=tmp_path / "feedback")
 
 
-def test_a_relabel_replaces_only_that_inputs_file(tmp_path):
+def test_a_relabel_replaces_only_that_inputs_label(tmp_path):
     x = np.full((8, 8, 1), 128)
-    feedback.save_feedback(tmp_path, "3", "b-a", 0, x)
-    feedback.save_feedback(tmp_path, "3", "a", 0, x)
-    feedback.save_feedback(tmp_path, "5", "a", 0, x)  # request "a" relabelled: 3 -> 5
-    assert feedback.feedback_labels(tmp_path) == {("b-a", 0): "3", ("a", 0): "5"}
-    assert len(list(tmp_path.rglob("*.png"))) == 2
+    folder = shards.LocalFolder(tmp_path)
+    feedback.save_feedback(folder, "3", "b-a", 0, x)
+    feedback.save_feedback(folder, "3", "a", 0, x)
+    feedback.save_feedback(folder, "5", "a", 0, x)  # request "a" relabelled: 3 -> 5
+    assert feedback.feedback_labels(folder) == {("b-a", 0): "3", ("a", 0): "5"}
+
+
+def test_concurrent_relabels_leave_one_label_per_input_and_few_files(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = shards.LocalFolder(tmp_path)
+    x = np.full((8, 8, 1), 128)
+    jobs = [(f"input{i:02d}", label) for i in range(20) for label in "01234567"]  # 8 relabels per input
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda job: feedback.save_feedback(folder, job[1], job[0], 0, x), jobs))
+    labels = feedback.feedback_labels(folder)
+    assert sorted(labels) == [(f"input{i:02d}", 0) for i in range(20)]  # one label each
+    assert len(shards.shard_names(folder, shards.FEEDBACK)) <= feedback.COMPACT_AT + 2
+    assert len(feedback.feedback_rows(folder)["label"]) == 20

@@ -12,7 +12,9 @@ from tests.support import Server, http, make_project, model_client, run, set_par
 pytestmark = pytest.mark.slow
 NAME = "tollgate-classifier"
 TOKEN = "monitoring-test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+FEEDBACK_TOKEN = "labelling-token"  # a labeller's, not the admin's
+TOKENS = {"TOLLGATE_ADMIN_TOKEN": TOKEN, "TOLLGATE_FEEDBACK_TOKEN": FEEDBACK_TOKEN}
+AUTH = {"Authorization": f"Bearer {FEEDBACK_TOKEN}", "Content-Type": "application/json"}
 
 
 def _score(url: str, image: np.ndarray, headers: dict | None = None) -> tuple[int, dict, float]:
@@ -38,11 +40,11 @@ def _prepared(project, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _samples_written(project, n: int, timeout: float = 30) -> dict:
-    from pipeline.monitoring import shards
+    from pipeline.data import shards
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rows = shards.read_latest(project / "data" / "live", shards.SAMPLES)
+        rows = shards.read_latest(shards.LocalFolder(project / "data" / "live"), shards.SAMPLES)
         if rows and len(rows["time"]) >= n:
             return rows
         time.sleep(0.2)
@@ -66,7 +68,7 @@ def traffic(project):
     clean_x, _ = _prepared(project, "test")
     xs, ys = zip(*(_prepared(project, s) for s in ("train", "val", "test")), strict=True)
     inverted, labels = 255 - np.concatenate(xs), np.concatenate(ys)
-    server = Server(project, {"TOLLGATE_ADMIN_TOKEN": TOKEN})
+    server = Server(project, TOKENS)
     try:
         for i in range(2000):
             assert _score(server.url, clean_x[i % len(clean_x)])[0] == 200
@@ -108,6 +110,11 @@ def test_the_monitor_flags_distorted_traffic_and_not_clean_traffic(project, traf
         )
     assert first_clean["drift"] is False and second_clean["drift"] is False
     assert distorted["drift"] is True
+    # the cost: clean windows keep their accuracy estimate and start no retraining; inverted digits do
+    for result in (first_clean, second_clean):
+        assert result["retrain"] is False and result["accuracy"]["estimate"] > 0.9, result["accuracy"]
+    assert distorted["retrain"] is True and distorted["accuracy"]["estimate"] < 0.5, distorted["accuracy"]
+    print("estimated accuracy: clean", first_clean["accuracy"]["estimate"], "inverted", distorted["accuracy"])
     delay = drift.first_alarm(reference, window, cfg, start=2000, step=25)
     print(f"drift detected {delay} requests after the distortion began")
     assert delay is not None and delay <= cfg.window
@@ -131,7 +138,7 @@ def test_the_monitor_flags_distorted_traffic_and_not_clean_traffic(project, traf
 def test_bad_feedback_is_refused_and_writes_nothing(project, traffic):
     url, rid = traffic["server"].url, traffic["ids"][0]
     feedback = project / "data" / "feedback"
-    before = sorted(feedback.rglob("*.png"))
+    before = sorted(feedback.rglob("*"))
     cases = [
         ({"request_id": "no-such-request", "label": "3"}, AUTH, 404),
         ({"request_id": rid, "label": "cat"}, AUTH, 422),
@@ -139,11 +146,12 @@ def test_bad_feedback_is_refused_and_writes_nothing(project, traffic):
         ({"request_id": rid, "label": "3", "pad": "x" * 20_000}, AUTH, 413),
         ({"request_id": rid, "label": "3"}, {"Content-Type": "application/json"}, 401),
         ({"request_id": rid, "label": "3"}, {**AUTH, "Authorization": "Bearer wrong"}, 401),
+        ({"request_id": rid, "label": "3"}, {**AUTH, "Authorization": f"Bearer {TOKEN}"}, 401),  # the admin's
     ]
     for payload, headers, expected in cases:
         status, out = http("POST", url + "/feedback", json.dumps(payload).encode(), headers)
         assert status == expected, (payload.get("label"), status, out)
-    assert sorted(feedback.rglob("*.png")) == before
+    assert sorted(feedback.rglob("*")) == before
 
 
 def test_a_full_sampling_queue_drops_samples_and_never_fails_a_request(project):
@@ -168,13 +176,12 @@ def test_the_drift_check_deployment_starts_a_retraining_run_only_on_drift(projec
 
     from flows.deployments import deployments
     from flows.monitor import drift_check
-    from pipeline.monitoring import shards
+    from pipeline.data import shards
 
     # a folder holding only the clean traffic, for the "no drift" run
     clean = {k: v[:2000] for k, v in traffic["rows"].items()}
-    shards.write_shard(
-        shards.shard_path(project / "data" / "live-clean", shards.SAMPLES, clean["time"][0], 1), clean
-    )
+    live_clean = shards.LocalFolder(project / "data" / "live-clean")
+    shards.write_shard(live_clean, shards.shard_name(shards.SAMPLES, clean["time"][0], 1), clean)
 
     def retraining_runs() -> int:
         with get_client(sync_client=True) as client:
@@ -193,11 +200,13 @@ def test_the_drift_check_deployment_starts_a_retraining_run_only_on_drift(projec
             state = drift_check(root=str(project), return_state=True)
         finally:
             set_param(project, "monitor.folder", "data/live")
-        assert state.is_completed() and state.message == "no drift", state.message
+        assert state.is_completed() and state.message.startswith("no drift: "), state.message
         assert retraining_runs() == 0
         state = drift_check(root=str(project), return_state=True)
         print(state.message)
-        assert state.is_completed() and state.message.startswith("drift ("), state.message
+        assert state.is_completed() and state.message.startswith("retrain (estimated accuracy dropped"), (
+            state.message
+        )
         assert retraining_runs() == 1
 
 
@@ -209,8 +218,12 @@ def test_feedback_becomes_a_new_data_version_and_a_better_model(project, traffic
         payload = {"request_id": ids[i], "label": classes[labels[i]]}
         status, out = http("POST", url + "/feedback", json.dumps(payload).encode(), AUTH)
         assert status == 201, out
-    stored = sorted((project / "data" / "feedback").rglob("*.png"))
-    assert len(stored) == traffic["n_unique"]
+    from pipeline.data import shards
+    from pipeline.data.feedback import feedback_rows
+
+    folder = shards.LocalFolder(project / "data" / "feedback")
+    assert len(feedback_rows(folder)["label"]) == traffic["n_unique"]
+    assert len(shards.shard_names(folder, shards.FEEDBACK)) < 100  # merged, not one small file per answer
     assert _metric(url, 'tollgate_feedback_total{code="201"}') == traffic["n_unique"]
 
     status = run(["dvc", "status", "prepare"], cwd=project).stdout
@@ -235,12 +248,13 @@ def test_feedback_becomes_a_new_data_version_and_a_better_model(project, traffic
 def _shadow_server(project, env: dict | None = None) -> Server:
     set_param(project, "serve.shadow", True)
     try:
-        return Server(project, {"TOLLGATE_ADMIN_TOKEN": TOKEN, **(env or {})})
+        return Server(project, {**TOKENS, **(env or {})})
     finally:
         set_param(project, "serve.shadow", False)
 
 
 def test_shadow_challenger_agreement_and_latency_are_reported(project, traffic):
+    from pipeline.data import shards
     from pipeline.monitoring.shadow_report import shadow_summary
 
     client = model_client(project)
@@ -264,7 +278,9 @@ def test_shadow_challenger_agreement_and_latency_are_reported(project, traffic):
     print("shadow report:", report)
     assert report["challenger"] == "1" and report["images"] >= 300 and report["errors"] == 0
     assert report["agreement"] > 0.8 and report["latency_ms"]["p99"] > 0
-    assert report == shadow_summary(project / "data" / "live", project / "data" / "feedback")
+    assert report == shadow_summary(
+        shards.LocalFolder(project / "data" / "live"), shards.LocalFolder(project / "data" / "feedback")
+    )
 
     set_param(project, "promote.shadow_min_requests", 100_000)
     try:
@@ -277,7 +293,7 @@ def test_shadow_challenger_agreement_and_latency_are_reported(project, traffic):
 @pytest.mark.parametrize("failure", ["raise", "sleep=1"])
 def test_a_failing_or_slow_challenger_changes_no_response(project, traffic, failure):
     clean_x, _ = _prepared(project, "test")
-    plain = Server(project, {"TOLLGATE_ADMIN_TOKEN": TOKEN})
+    plain = Server(project, TOKENS)
     try:
         expected = [_score(plain.url, clean_x[i])[1]["predictions"] for i in range(40)]
     finally:
@@ -298,3 +314,165 @@ def test_a_failing_or_slow_challenger_changes_no_response(project, traffic, fail
         assert counted >= (40 if failure == "raise" else 20)
     finally:
         server.stop()
+
+
+# --- defects found by probing a running server: each reproduced by a real action, on real files -----------
+
+
+def test_a_stray_file_in_the_live_folder_never_switches_the_bounds_off(project):
+    live = project / "data" / "live-stray"
+    live.mkdir(parents=True, exist_ok=True)
+    stray = live / "reference.npz"
+    stray.write_bytes((project / "models" / "reference.npz").read_bytes())  # a copy someone left there
+    set_param(project, "monitor.folder", "data/live-stray")
+    set_param(project, "monitor.max_mb", 0.3)
+    server = Server(project, TOKENS)
+    try:
+        clean_x, _ = _prepared(project, "test")
+        for i in range(1500):
+            assert _score(server.url, clean_x[i % len(clean_x)])[0] == 200
+        time.sleep(1.0)  # the last flush
+        shards_bytes = sum(p.stat().st_size for p in live.glob("samples-*.npz"))
+        assert shards_bytes <= 0.3e6 + 200_000, shards_bytes  # one shard of slack
+        assert stray.is_file()  # not a shard: neither counted nor deleted
+    finally:
+        server.stop()
+        set_param(project, "monitor.max_mb", 1024.0)
+        set_param(project, "monitor.folder", "data/live")
+
+
+def test_a_reused_request_id_loses_no_sample_and_feedback_labels_its_newest(project):
+    from pipeline.data import shards
+
+    live = project / "data" / "live-reused"
+    set_param(project, "monitor.folder", "data/live-reused")
+    server = Server(project, TOKENS)
+    try:
+        clean_x, _ = _prepared(project, "test")
+        for i in range(1100):
+            assert _score(server.url, clean_x[i % len(clean_x)], {"X-Request-ID": "retried-id"})[0] == 200
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            rows = shards.read_latest(shards.LocalFolder(live), shards.SAMPLES)
+            if (
+                rows
+                and len(rows["time"]) + _metric(server.url, "tollgate_live_samples_dropped_total") >= 1100
+            ):
+                break
+            time.sleep(0.3)
+        taken = _metric(server.url, "tollgate_live_samples_total")
+        dropped = _metric(server.url, "tollgate_live_samples_dropped_total")
+        assert taken == 1100 and len(rows["time"]) + dropped == 1100, (len(rows["time"]), dropped)
+        assert len(list(live.glob("samples-*.npz"))) < 1100 / 5  # not a shard per request
+        payload = {"request_id": "retried-id", "label": "3"}
+        status, out = http("POST", server.url + "/feedback", json.dumps(payload).encode(), AUTH)
+        assert status == 201, out
+    finally:
+        server.stop()
+        set_param(project, "monitor.folder", "data/live")
+
+
+def test_damaged_shards_are_skipped_and_named_by_every_reader(project, traffic):
+    from pipeline.data import shards
+
+    live = project / "data" / "live"
+    name = shards.shard_names(shards.LocalFolder(live), shards.SAMPLES)[-1]
+    truncated = live / name
+    request = str(np.load(truncated)["request"][0])
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    (live / "shadow-0000000000001-1-000001.npz").write_bytes(b"")
+    out = run(["tollgate", "monitor"], cwd=project)
+    assert "damaged shard" in out.stderr and name in out.stderr
+    report = json.loads((project / "reports" / "monitor.json").read_text())
+    assert any(name in d for d in report["damaged_shards"])
+    shadow = json.loads(run(["tollgate", "shadow"], cwd=project).stdout)
+    assert any("shadow-0000000000001-1-000001.npz" in d for d in shadow["damaged_shards"])
+    payload = {"request_id": request, "label": "3"}
+    status, out = http("POST", traffic["server"].url + "/feedback", json.dumps(payload).encode(), AUTH)
+    assert status == 404, out  # its input is gone: not a 500
+
+
+def test_a_challenger_that_fails_in_shadow_is_refused_by_the_online_gate(project):
+    client = model_client(project)
+    candidate = json.loads((project / "reports" / "registration.json").read_text())["version"]
+    champion = str(client.get_model_version_by_alias(NAME, "champion").version)
+    other = "1" if candidate != "1" else "2"
+    # the registered candidate runs in shadow (and fails on every image) beside another champion
+    client.set_registered_model_alias(NAME, "champion", other)
+    client.set_registered_model_alias(NAME, "challenger", candidate)
+    set_param(project, "monitor.folder", "data/live-failing")
+    server = _shadow_server(project, {"TOLLGATE_FAILPOINT": "shadow:predict:raise"})
+    try:
+        clean_x, _ = _prepared(project, "test")
+        for i in range(60):
+            assert _score(server.url, clean_x[i])[0] == 200
+        deadline = time.monotonic() + 30
+        while _metric(server.url, 'tollgate_shadow_images_total{outcome="error"}') < 60:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        server.stop()
+    registration = json.loads((project / "reports" / "registration.json").read_text())
+    set_param(project, "promote.shadow_min_requests", 50)
+    set_param(project, "promote.shadow_max_disagreement", 0.2)
+    try:
+        proc = run(["tollgate", "promote"], cwd=project, check=False)
+    finally:
+        set_param(project, "promote.shadow_min_requests", 0)
+        set_param(project, "promote.shadow_max_disagreement", 1.0)
+        set_param(project, "monitor.folder", "data/live")
+        client.set_registered_model_alias(NAME, "champion", champion)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "online gate" in proc.stderr and "60 of 60 failed" in proc.stderr, proc.stderr
+    assert json.loads((project / "reports" / "registration.json").read_text()) == registration
+
+
+def test_concurrent_relabels_through_the_server_leave_one_label_per_input(project, traffic):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data import shards
+    from pipeline.data.feedback import feedback_labels
+
+    url = traffic["server"].url
+    clean_x, _ = _prepared(project, "test")
+    ids = [_score(url, clean_x[i])[1]["request_id"] for i in range(20)]  # sampled just now
+    jobs = [(rid, str(label)) for rid in ids for label in range(8)]
+
+    def post(job):
+        body = json.dumps({"request_id": job[0], "label": job[1]}).encode()
+        return http("POST", url + "/feedback", body, AUTH)[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(post, jobs)) == {201}
+    labels = feedback_labels(shards.LocalFolder(project / "data" / "feedback"))
+    assert {rid for rid, _ in labels if rid in ids} == set(ids)  # one label for each input, no second
+
+
+def test_a_corrupted_reference_names_the_version_and_file(project, traffic):
+    store_root = project / "mlartifacts"
+    references = sorted(store_root.rglob("reference.npz"))
+    assert references
+    saved = {p: p.read_bytes() for p in references}
+    try:
+        for p in references:
+            p.write_bytes(b"not a zip")
+        proc = run(["tollgate", "monitor"], cwd=project, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "reference.npz cannot be read" in proc.stderr and " v" in proc.stderr
+    finally:
+        for p, data in saved.items():
+            p.write_bytes(data)
+
+
+def test_a_locked_tracking_store_is_named_with_what_to_do(project):
+    import sqlite3
+
+    db = sqlite3.connect(project / "mlflow.db", timeout=1)
+    db.execute("BEGIN EXCLUSIVE")
+    try:
+        proc = run(["tollgate", "monitor"], cwd=project, check=False)
+    finally:
+        db.rollback()
+        db.close()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "mlflow.db" in proc.stderr and "locked" in proc.stderr

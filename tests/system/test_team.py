@@ -290,6 +290,64 @@ def test_a_worker_in_an_empty_directory_runs_the_team_deployment_to_a_new_champi
         log.close()
 
 
+def test_replicas_share_live_samples_and_feedback_in_the_bucket(stack, origin, clone_b, monkeypatch):
+    """Two replicas on two checkouts write their samples to the stack's bucket: feedback for a request
+    replica A sampled, posted to replica B, is stored, and `tollgate monitor` judges both replicas'
+    samples."""
+    from pipeline.data import shards
+    from pipeline.data.feedback import feedback_labels
+
+    live, feedback = f"s3://{stack.cfg.bucket}/live", f"s3://{stack.cfg.bucket}/feedback"
+    storage = {**_env(stack), **stack.storage_env(), "AWS_ENDPOINT_URL_S3": stack.s3_url}
+    token = {"TOLLGATE_FEEDBACK_TOKEN": "label-it"}
+    checkouts = (origin["a"], clone_b)
+    changed = {"monitor.folder": live, "data.feedback": feedback, "monitor.sample_fraction": 1.0,
+               "monitor.flush_s": 0.3}  # fmt: skip
+    before = {c: load_params(c / "params.yaml") for c in checkouts}
+    for checkout in checkouts:
+        for key, value in changed.items():
+            set_param(checkout, key, value)
+    servers = [Server(checkout, {**storage, **token}) for checkout in checkouts]
+    try:
+        from pipeline.data.prepared import load_split
+
+        x = np.asarray(load_split(origin["a"] / paths.PREPARED_DIR, "test").x)
+        ids = {}
+        for server in servers:
+            for i in range(150):
+                body = json.dumps({"inputs": x[i % len(x)][None].tolist()}).encode()
+                status, out = http(
+                    "POST", f"{server.url}/invocations", body, {"Content-Type": "application/json"}
+                )
+                assert status == 200
+                ids.setdefault(server.url, []).append(out["request_id"])
+        deadline = time.monotonic() + 60
+        while len(_bucket(stack, "live/samples-")) < 2:  # a shard from each
+            assert time.monotonic() < deadline, _bucket(stack, "live/")
+            time.sleep(0.3)
+        sampled_by_a = ids[servers[0].url][7]
+        payload = json.dumps({"request_id": sampled_by_a, "label": "ring"}).encode()
+        headers = {"Authorization": "Bearer label-it", "Content-Type": "application/json"}
+        status, out = http("POST", f"{servers[1].url}/feedback", payload, headers)
+        assert status == 201, out
+        assert out["stored"].startswith(feedback)
+    finally:
+        for server in servers:
+            server.stop()
+    try:
+        for key, value in {**stack.storage_env(), "AWS_ENDPOINT_URL_S3": stack.s3_url}.items():
+            monkeypatch.setenv(key, value)
+        assert feedback_labels(shards.open_folder(feedback, origin["a"]))[(sampled_by_a, 0)] == "ring"
+        run(["tollgate", "monitor"], cwd=origin["a"], **storage)
+        report = json.loads((origin["a"] / "reports" / "monitor.json").read_text())
+        assert report["samples"] == 300 and report["folder"] == live  # both replicas' 150
+    finally:
+        for checkout in checkouts:
+            for key in changed:
+                section, _, name = key.partition(".")
+                set_param(checkout, key, getattr(getattr(before[checkout], section), name))
+
+
 # --- many machines at once: the promotion guard, fencing -----------------------------------------------
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 from fastapi import APIRouter, Request
 
-from pipeline.monitoring.feedback import save_feedback
-from pipeline.monitoring.shards import REQUEST_ID
+from pipeline.data.feedback import folder_mb, save_feedback
+from pipeline.data.shards import REQUEST_ID
 from pipeline.serving import protocols
 from pipeline.serving.context import ServerContext, authorized, context_of
 from pipeline.serving.protocols import Refused
@@ -36,17 +35,25 @@ async def _take(ctx: ServerContext, request: Request) -> dict:
         raise Refused(409, "this server samples no requests (monitor.sample_fraction is 0): nothing to label")
     body = await ctx.body_of(request, FEEDBACK_BYTES)
     rid, label, item = _wanted(ctx, protocols.parse_json(request.headers, body))
-    found = ctx.workers["sampler"].find(rid) if REQUEST_ID.match(rid) else None
+    loop = asyncio.get_running_loop()  # the lookup may read shards (from a bucket): off the event loop
+    found = (
+        await loop.run_in_executor(None, ctx.workers["sampler"].find, rid) if REQUEST_ID.match(rid) else None
+    )
     if found is None:
         raise Refused(404, f"request {rid[:64]!r} was not sampled here, or is no longer kept")
     version, x = found
     if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < len(x):
         raise Refused(422, f"item must be an image index of the request, 0..{len(x) - 1}")
-    folder = ctx.root / ctx.params.data.feedback
-    path = await asyncio.get_running_loop().run_in_executor(
-        None, save_feedback, folder, label, rid, item, x[item]
-    )
-    return {"stored": os.path.relpath(path, ctx.root), "label": label, "served_version": version}
+    folder, bound = ctx.feedback_folder, ctx.params.monitor.feedback_max_mb
+    held = await loop.run_in_executor(None, folder_mb, folder)
+    if held >= bound:
+        raise Refused(
+            507,
+            f"{ctx.params.data.feedback} holds {held:.0f} MB of feedback, monitor.feedback_max_mb is "
+            f"{bound:g}: train on it (data.use_feedback) and archive it, or raise the bound",
+        )
+    name = await loop.run_in_executor(None, save_feedback, folder, label, rid, item, x[item])
+    return {"stored": f"{ctx.params.data.feedback}/{name}", "label": label, "served_version": version}
 
 
 @router.post("/feedback", status_code=201)
