@@ -208,6 +208,13 @@ class MlflowServer(Server):
         ]
 
 
+def champion_back(project: Path, version: str = "2", name: str = "tollgate-classifier") -> None:
+    """The shared two-version project's @champion on `version` again (tests before may have moved it),
+    through a verified rollback."""
+    if str(model_client(project).get_model_version_by_alias(name, "champion").version) != version:
+        run(["tollgate", "rollback", "--to", version], cwd=project)
+
+
 def model_client(project: Path):
     from mlflow import MlflowClient
 

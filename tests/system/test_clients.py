@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.core import paths
-from tests.support import ROOT, Server, http, model_client, run
+from tests.support import ROOT, Server, champion_back, http
 
 pytestmark = pytest.mark.slow
 NAME = "tollgate-classifier"
@@ -26,8 +26,7 @@ def served(two_versions, tmp_path_factory):
     """v2 @champion served, 16 test images as uint8, and what /invocations answers for them."""
     from pipeline.data.prepared import load_split
 
-    if str(model_client(two_versions).get_model_version_by_alias(NAME, "champion").version) != "2":
-        run(["tollgate", "rollback", "--to", "2"], cwd=two_versions)
+    champion_back(two_versions)
     x = np.asarray(load_split(two_versions / paths.PREPARED_DIR, "test").x[:16], dtype=np.uint8)
     pixels = tmp_path_factory.mktemp("clients") / "pixels.npy"
     np.save(pixels, x)

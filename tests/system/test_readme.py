@@ -13,7 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.support import ROOT, MlflowServer, Server, model_client, run, tool_env
+from tests.support import ROOT, MlflowServer, Server, champion_back, run, tool_env
 
 pytestmark = pytest.mark.slow
 NAME = "tollgate-classifier"
@@ -48,8 +48,7 @@ def test_the_examples_are_found():
 def servers(two_versions, tmp_path_factory):
     """`tollgate serve` and `mlflow models serve` on the same @champion, and curl set up to report the
     status it got (its own rc file: every example runs as written)."""
-    if str(model_client(two_versions).get_model_version_by_alias(NAME, "champion").version) != "2":
-        run(["tollgate", "rollback", "--to", "2"], cwd=two_versions)
+    champion_back(two_versions)
     run(["tollgate", "samples", "--out", "samples"], cwd=two_versions)
     home = tmp_path_factory.mktemp("curl")
     (home / ".curlrc").write_text('silent\nshow-error\nwrite-out = "\\n%{http_code}"\n')

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.core import paths
-from tests.support import Server, http, model_client, run, set_param
+from tests.support import Server, champion_back, http, model_client, run, set_param
 
 pytestmark = pytest.mark.slow
 NAME = "tollgate-classifier"
@@ -21,8 +21,7 @@ NAME = "tollgate-classifier"
 @pytest.fixture(scope="module")
 def project(two_versions):
     """A project with two registered versions, v2 @champion and v1 @previous."""
-    if str(model_client(two_versions).get_model_version_by_alias(NAME, "champion").version) != "2":
-        run(["tollgate", "rollback", "--to", "2"], cwd=two_versions)
+    champion_back(two_versions)
     model_client(two_versions).set_registered_model_alias(NAME, "previous", "1")
     return two_versions
 
