@@ -164,6 +164,23 @@ def local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
+@contextlib.contextmanager
+def _environment_kept(*names: str):
+    """Undo what the block does to these environment variables. mlflow's setters also export the URI
+    so that child processes inherit it; but MLFLOW_TRACKING_URI is how a *user* overrides params.yaml,
+    so a long-lived process (a Prefect worker, a test session) that connected to one project would
+    otherwise send every later project's stages into that first store."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 CONNECTED: list[str] = []  # the stores this process connected to, for messages that name them
 
 
@@ -185,8 +202,9 @@ def connect(params: Params, root: Path) -> Store:
             ("MLFLOW_HTTP_REQUEST_TIMEOUT", params.mlflow.http_timeout_s),
         ):
             os.environ.setdefault(var, str(value))
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    with _environment_kept("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     name = params.registry.experiment
     exp = client.get_experiment_by_name(name)
