@@ -72,7 +72,11 @@ class ValidateConfig(_Section):
 
 
 class TrainConfig(_Section):
-    arch: Literal["small_cnn", "resnet18"]
+    backbone: str = Field(min_length=1)  # checked against timm's registry when training starts
+    pretrained: str = Field(min_length=1)
+    download_weights: bool
+    backbone_lr: float = Field(ge=0.0, le=1.0)
+    freeze_epochs: int = Field(ge=0)
     width: int = Field(ge=1)
     epochs: int = Field(ge=0)
     batch_size: int = Field(ge=1)
@@ -85,6 +89,8 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(ge=0.0, lt=1.0)
     shift_pixels: int = Field(ge=0)
     flip: bool
+    crop_scale: float = Field(gt=0.0, le=1.0)
+    color_jitter: float = Field(ge=0.0, lt=1.0)
     early_stopping: int = Field(ge=0)
     device: Literal["auto", "cpu", "cuda", "mps"]
     precision: Literal["auto", "fp32", "bf16"]

@@ -24,7 +24,7 @@ from pipeline.registry.store import CHALLENGER, Store, model_uri
 from pipeline.release import verify
 from pipeline.release.results import Registration
 from pipeline.serving.client import Server, free_port
-from pipeline.training.model import META
+from pipeline.training.model import META, backbone_name
 
 SERVER = "pipeline.serving.app"  # what infra validation starts in a fresh process
 
@@ -53,6 +53,15 @@ def infra_validate(params: Params, root: Path, location: str) -> str | None:
     return None
 
 
+def _backbone(meta: dict) -> str:
+    """The network and where its starting weights came from, in words."""
+    name = backbone_name(meta)
+    start = meta.get("pretrained", {})
+    if start.get("source", "none") == "none":
+        return f"{name} (from scratch)"
+    return f"{name} (fine-tuned from {start['source']} weights {start['weights']})"
+
+
 def model_description(meta: dict, source: str) -> str:
     """What the registered model is, for its page in the MLflow registry (markdown)."""
     h, w, c = meta["input_shape"]
@@ -60,6 +69,7 @@ def model_description(meta: dict, source: str) -> str:
     shown = ", ".join(classes[:20]) + (f" and {len(classes) - 20} more" if len(classes) > 20 else "")
     return (
         f"Image classifier over {len(classes)} classes ({shown}), trained by tollgate on `{source}` data.\n\n"
+        f"**Network**: {_backbone(meta)}.\n\n"
         f"**Input**: uint8 pixels of shape (N, {h}, {w}, {c}) "
         f"({'grey' if c == 1 else 'RGB'}; images of any size are resized as in training). "
         "Normalisation is inside the model. "
@@ -130,7 +140,7 @@ def _describe(store: Store, params: Params, root: Path, version: str, verdict: V
     if verdict.paired is not None:
         tags["paired_test"] = verdict.paired.sentence()
     text = (
-        f"{meta['arch']} on data {meta['data_version'][:12]}: test accuracy {tags['accuracy']}, "
+        f"{_backbone(meta)} on data {meta['data_version'][:12]}: test accuracy {tags['accuracy']}, "
         f"macro-F1 {tags['macro_f1']}; gate and infra validation passed.\n\n" + verdict.markdown()
     )
     about = model_description(meta, read_manifest(root / paths.PREPARED_DIR)["source"])

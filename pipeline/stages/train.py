@@ -10,13 +10,14 @@ from pathlib import Path
 
 from pipeline.core import codegraph, paths
 from pipeline.core.config import Params
+from pipeline.core.experiment import project_root
 from pipeline.core.files import atomic_dir, load_json, write_csv, write_json
 from pipeline.data.prepared import Dataset, load_split, read_manifest
 from pipeline.monitoring import drift
 from pipeline.registry import runs
 from pipeline.registry.store import Store, connect
 from pipeline.stages import StageFailed, log, work, worker_main
-from pipeline.training import checkpoint, distributed
+from pipeline.training import backbones, checkpoint, distributed
 from pipeline.training import model as model_io
 from pipeline.training.loop import TrainResult, train, world
 
@@ -51,16 +52,28 @@ class _Job:
     key: str
     splits: tuple[Dataset, Dataset]
     world_size: int
+    weights: backbones.Weights
 
     @classmethod
     def of(cls, params: Params, root: Path) -> _Job:
         manifest = read_manifest(root / paths.PREPARED_DIR)
-        meta = model_io.make_meta(params.train.arch, params.train.width, manifest)
+        t = params.train
+        try:  # before any training: a wrong name or missing weights should cost seconds, not an epoch
+            backbones.check_name(t.backbone)
+            weights = backbones.resolve(t.backbone, t.pretrained, t.download_weights, project_root(root))
+        except (ValueError, backbones.WeightsUnavailable) as err:
+            raise StageFailed(str(err)) from None
+        meta = model_io.make_meta(t.backbone, t.width, manifest, weights)
+        expects = meta["pretrained"].get("expects")
+        if expects and expects["input_size"] != manifest["image_shape"][:2]:
+            log(f"note: {t.backbone}'s weights were trained on {expects['input_size']} inputs "
+                f"({expects['interpolation']} resize); this data is {manifest['image_shape'][:2]} "
+                "(data.image_size)")  # fmt: skip
         meta["params_hash"] = params.section_hash("seed", "data", "train")
         world_size = world()[1]
         key = checkpoint.fingerprint(params.train, params.seed, meta, world_size, _code())
         splits = tuple(load_split(root / paths.PREPARED_DIR, s) for s in ("train", "val"))
-        return cls(params, root, manifest, meta, key, splits, world_size)
+        return cls(params, root, manifest, meta, key, splits, world_size, weights)
 
     def resumable(self, store: Store | None) -> dict | None:
         """The checkpoint of this very run when it can go on in its MLflow run: every node must have it,
@@ -79,7 +92,7 @@ class _Job:
     def fit(self, run_id: str | None, resume: dict | None, on_epoch=None) -> TrainResult:
         p = self.params
         return train(p.train, p.seed, *self.splits, self.meta, on_epoch, self.root / paths.TRAIN_CHECKPOINT,
-                     resume, {"run_id": run_id}, self.key)  # fmt: skip
+                     resume, {"run_id": run_id}, self.key, self.weights)  # fmt: skip
 
     def reference(self, result: TrainResult) -> drift.Reference:
         t = self.params.train

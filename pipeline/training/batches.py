@@ -7,6 +7,7 @@ DataLoader, in the same order, so both train the very same model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,7 +19,52 @@ from pipeline.data.prepared import Dataset
 
 
 def augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """Random shift (zero fill) and horizontal flip of a whole NHWC uint8 batch, one draw per image."""
+    """Random shift (zero fill), horizontal flip, resized crop and colour jitter of a whole NHWC batch of
+    0..255 pixels, one draw per image, on the batch's device. Returns uint8 unless crop or jitter ran
+    (then float, still 0..255: rounding back would only lose information)."""
+    x = _shift_and_flip(x, cfg, gen)
+    if cfg.crop_scale < 1.0:
+        x = _resized_crop(x, cfg.crop_scale, gen)
+    if cfg.color_jitter > 0.0:
+        x = _color_jitter(x, cfg.color_jitter, gen)
+    return x
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
+    return (low + (high - low) * torch.rand(n, generator=gen)).to(device)
+
+
+def _resized_crop(x: torch.Tensor, min_scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Inception-style crops: a random share (min_scale..1) of the area at a random aspect (3:4..4:3),
+    anywhere inside the image, resized back to the batch's size (bilinear), all in one grid_sample."""
+    n = len(x)
+    area = _uniform(n, min_scale, 1.0, gen, x.device)
+    aspect = torch.exp(_uniform(n, math.log(3 / 4), math.log(4 / 3), gen, x.device))
+    sx, sy = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
+    cx, cy = (1 - sx) * _uniform(n, -1, 1, gen, x.device), (1 - sy) * _uniform(n, -1, 1, gen, x.device)
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
+    nchw = x.permute(0, 3, 1, 2).float()
+    grid = nn.functional.affine_grid(theta, list(nchw.shape), align_corners=False)
+    out = nn.functional.grid_sample(nchw, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.permute(0, 2, 3, 1)
+
+
+def _color_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and (colour images) saturation, each scaled by a factor in 1 ± strength."""
+    n, c = len(x), x.shape[3]
+    x = x.float()
+    factors = [_uniform(n, 1 - strength, 1 + strength, gen, x.device)[:, None, None, None] for _ in range(3)]
+    x = x * factors[0]
+    grey = x.mean(dim=3, keepdim=True)
+    x = (x - grey.mean(dim=(1, 2), keepdim=True)) * factors[1] + grey.mean(dim=(1, 2), keepdim=True)
+    if c == 3:
+        grey = x.mean(dim=3, keepdim=True)
+        x = grey + (x - grey) * factors[2]
+    return x.clamp(0.0, 255.0)
+
+
+def _shift_and_flip(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
     n, h, w, _ = x.shape
     if cfg.shift_pixels:
         s = cfg.shift_pixels

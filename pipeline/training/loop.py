@@ -22,7 +22,7 @@ from torch import nn
 
 from pipeline.core.config import TrainConfig
 from pipeline.data.prepared import Dataset
-from pipeline.training import checkpoint
+from pipeline.training import backbones, checkpoint
 from pipeline.training.batches import Batches, augment
 from pipeline.training.model import Classifier, build
 
@@ -100,7 +100,7 @@ def set_threads(cfg: TrainConfig, local_world: int) -> None:
 def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps, pct_start=cfg.warmup
         )
     warm = max(1, int(cfg.warmup * total_steps))
     return torch.optim.lr_scheduler.SequentialLR(
@@ -113,12 +113,24 @@ def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     )
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _param_groups(model: Classifier, cfg: TrainConfig, pretrained: bool) -> list[dict]:
+    """One group at lr; with pretrained weights, the backbone gets its own at lr x backbone_lr
+    (discriminative learning rates: the new head learns fast, the features it reads move gently)."""
+    if not pretrained:
+        return [{"params": list(model.parameters()), "lr": cfg.lr}]
+    head = backbones.head_parameters(model.net)
+    params = list(model.parameters())
+    return [
+        {"params": [p for p in params if id(p) not in head], "lr": cfg.lr * cfg.backbone_lr},
+        {"params": [p for p in params if id(p) in head], "lr": cfg.lr},
+    ]
+
+
+def _optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                               weight_decay=cfg.weight_decay)  # fmt: skip
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @torch.inference_mode()
@@ -147,8 +159,10 @@ class _Progress:
 class _Trainer:
     """One run of the loop: the network, its optimiser and schedule, the data, and the random streams."""
 
-    def __init__(self, cfg: TrainConfig, seed: int, train_set: Dataset, val_set: Dataset, meta: dict):
+    def __init__(self, cfg: TrainConfig, seed: int, train_set: Dataset, val_set: Dataset, meta: dict,
+                 weights: backbones.Weights | None):  # fmt: skip
         self.cfg, self.seed, self.meta = cfg, seed, meta
+        self.pretrained = meta.get("pretrained", {}).get("source", backbones.NONE) != backbones.NONE
         self.rank, self.world_size = world()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         set_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)))
@@ -158,16 +172,20 @@ class _Trainer:
         torch.manual_seed(seed)
         self.shuffle = torch.Generator().manual_seed(seed)  # batch order, identical on every process
         self.aug_gen = torch.Generator().manual_seed(seed + 1 + self.rank)  # one stream per process
-        self.model, self.net = self._network()
+        self.model, self.net = self._network(weights)
         self.train_batches = Batches(train_set, cfg, self.speed.device)
         self.val_batches = Batches(val_set, cfg, self.speed.device)
         self.steps_per_epoch = -(-self.train_batches.n // cfg.batch_size)
-        self.opt = _optimizer(self.model, cfg)
+        groups = _param_groups(self.model, cfg, self.pretrained)
+        self.opt = _optimizer(groups, cfg)
+        # Frozen warm-up: the backbone's gradients are dropped, so a random head cannot wreck its features.
+        self.backbone = groups[0]["params"] if self.pretrained else []
+        self.frozen = False
         self.sched = _schedule(self.opt, cfg, max(1, cfg.epochs * self.steps_per_epoch))
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    def _network(self) -> tuple[Classifier, nn.Module]:
-        model = build(self.meta).to(self.speed.device)
+    def _network(self, weights: backbones.Weights | None) -> tuple[Classifier, nn.Module]:
+        model = build(self.meta, weights).to(self.speed.device)
         if self.speed.channels_last:
             model = model.to(memory_format=torch.channels_last)
         net: nn.Module = model
@@ -192,6 +210,7 @@ class _Trainer:
     def epoch(self, epoch: int, bar) -> dict:
         """One pass over the training split, then the val split: the epoch's row of the history."""
         self.net.train()
+        self.frozen = self.pretrained and epoch <= self.cfg.freeze_epochs
         start = time.perf_counter()
         # Running sums stay on the device: reading them every step would stall a GPU on each batch.
         totals = torch.zeros(3, dtype=torch.float64, device=self.speed.device)  # seen, loss sum, correct
@@ -213,7 +232,7 @@ class _Trainer:
             "train_accuracy": correct / seen,
             "val_loss": val_loss,
             "val_accuracy": val_acc,
-            "lr": self.opt.param_groups[0]["lr"],
+            "lr": self.opt.param_groups[-1]["lr"],  # the head's (a backbone learns at a share)
             "images_per_s": n_seen / elapsed,
             "epoch_s": elapsed,
         }
@@ -225,6 +244,9 @@ class _Trainer:
             loss = self.loss_fn(logits.float(), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.frozen:
+            for p in self.backbone:
+                p.grad = None  # the optimiser skips these: no step, no weight decay
         self.opt.step()
         self.sched.step()
         totals[0] += len(y)
@@ -283,11 +305,13 @@ def train(
     resume: dict | None = None,
     extra_state: dict | None = None,
     run_key: str = "",
+    weights: backbones.Weights | None = None,
 ) -> TrainResult:
     """Fit from scratch, or from `resume`: a checkpoint of this same run, as `checkpoint.load` returns it
     for `run_key` (see `checkpoint.fingerprint`). Every epoch ends with a checkpoint written to
-    `checkpoint_path`, holding `run_key` and `extra_state` for the caller (e.g. its MLflow run id)."""
-    t = _Trainer(cfg, seed, train_set, val_set, meta)
+    `checkpoint_path`, holding `run_key` and `extra_state` for the caller (e.g. its MLflow run id).
+    `weights` (pretrained, see `backbones.resolve`) start a fresh run; a resumed one has its own."""
+    t = _Trainer(cfg, seed, train_set, val_set, meta, weights if resume is None else None)
     progress = _Progress() if resume is None else t.restore(resume, run_key)
     resumed_from = progress.done
     bar = _progress_bar((cfg.epochs - resumed_from) * t.steps_per_epoch) if t.rank == 0 else None

@@ -13,43 +13,12 @@ import torch
 from torch import nn
 
 from pipeline.core.files import load_json, write_json
+from pipeline.training import backbones
 
 WEIGHTS = "model.pt"
 META = "model.json"
 # Name of this folder inside a logged MLflow pyfunc model (see pipeline/registry/pyfunc.py).
 MLFLOW_ARTIFACT = "model_dir"
-
-
-def _block(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
-
-
-class SmallCNN(nn.Module):
-    """A stem, a 2x2 max-pool, two conv blocks and global max-pooling: any input size >= 2x2 works.
-
-    Inputs of 16 pixels or more get a 5x5 stride-2 stem, so the two wide blocks run at a quarter of the
-    resolution (7x7 for MNIST): that is where the compute goes, and at 28x28 it would be 16x as much.
-    Small inputs (8x8 digits) keep full resolution with a 3x3 stem."""
-
-    def __init__(self, in_channels: int, n_classes: int, width: int, side: int):
-        super().__init__()
-        kernel, stride = (5, 2) if side >= 16 else (3, 1)
-        self.features = nn.Sequential(
-            _block(in_channels, width, kernel, stride),
-            nn.MaxPool2d(2),
-            _block(width, 2 * width),
-            _block(2 * width, 4 * width),
-            nn.AdaptiveMaxPool2d(1),
-            nn.Flatten(),
-        )
-        self.head = nn.Linear(4 * width, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 class Classifier(nn.Module):
@@ -66,37 +35,41 @@ class Classifier(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def resnet18(in_channels: int, n_classes: int) -> nn.Module:
-    """torchvision's ResNet-18, no pretrained weights, with the CIFAR-style stem: a 3x3 stride-1 first conv
-    and no max-pool, so 28x28 or 32x32 inputs are not shrunk to 7x7 before the first block."""
-    from torchvision.models import resnet18 as tv_resnet18
-
-    net = tv_resnet18(weights=None, num_classes=n_classes)
-    net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
-    return net
+def backbone_name(meta: dict) -> str:
+    # "arch": how model.json named the backbone before timm backbones came (versions already registered)
+    return meta.get("backbone") or meta["arch"]
 
 
-def build(meta: dict) -> Classifier:
-    """The untrained model described by `meta` (see `make_meta`)."""
+def build(meta: dict, weights: backbones.Weights | None = None) -> Classifier:
+    """The model described by `meta` (see `make_meta`): untrained, or starting from `weights`."""
     h, w, c = meta["input_shape"]
-    n = len(meta["classes"])
-    archs = {
-        "small_cnn": lambda: SmallCNN(c, n, meta["width"], min(h, w)),
-        "resnet18": lambda: resnet18(c, n),
-    }
-    return Classifier(archs[meta["arch"]](), meta["normalization"]["mean"], meta["normalization"]["std"])
+    net = backbones.create(backbone_name(meta), c, len(meta["classes"]), meta["width"], min(h, w), weights)
+    return Classifier(net, meta["normalization"]["mean"], meta["normalization"]["std"])
 
 
-def make_meta(arch: str, width: int, manifest: dict) -> dict:
-    return {
-        "arch": arch,
+def make_meta(backbone: str, width: int, manifest: dict, weights: backbones.Weights | None = None) -> dict:
+    """model.json: the network, its input, its classes and its data. A pretrained backbone normalises with
+    the statistics its weights were trained with (not this dataset's), and records what it expects."""
+    meta = {
+        "backbone": backbone,
         "width": width,
         "input_shape": manifest["image_shape"],
         "classes": manifest["classes"],
         "normalization": manifest["normalization"],
         "data_version": manifest["data_version"],
+        "pretrained": (weights or backbones.Weights(backbones.NONE, None, backbones.NONE)).describe(),
     }
+    expects = backbones.pretrained_config(backbone) if weights and weights.source != backbones.NONE else None
+    if expects is not None:
+        meta["pretrained"]["expects"] = expects
+        c = manifest["image_shape"][2]
+        # grey images into RGB weights: timm sums the first conv over channels, so one averaged statistic
+        meta["normalization"] = {k: _channels(expects[k], c) for k in ("mean", "std")}
+    return meta
+
+
+def _channels(values: list[float], channels: int) -> list[float]:
+    return values if len(values) == channels else [sum(values) / len(values)] * channels
 
 
 def save(model: Classifier, meta: dict, out_dir: str | Path) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from pipeline.registry import pyfunc as mlflow_model
 from pipeline.training import model
 for arch in ("small_cnn", "resnet18"):
-    meta = {"arch": arch, "width": 4, "input_shape": [8, 8, 1], "classes": ["a", "b"],
+    meta = {"backbone": arch, "width": 4, "input_shape": [8, 8, 1], "classes": ["a", "b"],
             "normalization": {"mean": [0.5], "std": [0.25]}}
     with tempfile.TemporaryDirectory() as tmp:
         model.save(model.build(meta), meta, tmp)

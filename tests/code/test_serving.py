@@ -31,7 +31,7 @@ def _app(**serve):
     params = load_params(ROOT / "params.yaml")
     params = params.model_copy(update={"serve": params.serve.model_copy(update=serve)})
     meta = {
-        "arch": "small_cnn",
+        "backbone": "small_cnn",
         "width": 4,
         "input_shape": SHAPE,
         "classes": [str(d) for d in range(10)],

@@ -17,10 +17,10 @@ def splits(prepared_digits):
     return load_split(prepared_digits, "train"), load_split(prepared_digits, "val")
 
 
-def _fit(prepared_digits, splits, arch="small_cnn", **cfg):
-    meta = model_io.make_meta(arch, 8, read_manifest(prepared_digits))
+def _fit(prepared_digits, splits, backbone="small_cnn", **cfg):
+    meta = model_io.make_meta(backbone, 8, read_manifest(prepared_digits))
     options = {"width": 8, "epochs": 3, "threads": 1, **cfg}
-    return train(config("train", arch=arch, **options), 0, *splits, meta)
+    return train(config("train", backbone=backbone, **options), 0, *splits, meta)
 
 
 def test_streaming_from_disk_trains_the_same_model_as_in_memory(prepared_digits, splits):
@@ -54,7 +54,7 @@ def test_gpu_speed_paths_run_on_cpu_bf16_channels_last_compile(prepared_digits, 
 
 
 def test_resnet18_adapted_to_small_images_learns_and_round_trips(prepared_digits, splits, tmp_path):
-    result = _fit(prepared_digits, splits, arch="resnet18", epochs=3, batch_size=64, threads=2)
+    result = _fit(prepared_digits, splits, backbone="resnet18", epochs=3, batch_size=64, threads=2)
     assert result.history[-1]["val_accuracy"] > 0.7
     assert isinstance(result.model.net.maxpool, torch.nn.Identity)
     meta = model_io.make_meta("resnet18", 8, read_manifest(prepared_digits))
@@ -91,3 +91,43 @@ def test_augmentation_shifts_and_flips_whole_batches_on_the_device():
     n_flipped = sum(torch.equal(f, x[i % 2].flip(1)) for i, f in enumerate(flipped))
     assert 8 < n_flipped < 56
     assert torch.equal(augment(x, config("train"), gen), x)
+
+
+def test_a_pretrained_backbone_stays_frozen_while_its_new_head_warms_up(
+    prepared_digits, splits, tmp_path
+):
+    import timm
+
+    from pipeline.training import backbones
+
+    file = tmp_path / "weights.pth"
+    torch.manual_seed(1)
+    torch.save(timm.create_model("test_resnet", num_classes=5).state_dict(), file)
+    weights = backbones.resolve("test_resnet", str(file), False, tmp_path)
+    manifest = read_manifest(prepared_digits)
+    meta = model_io.make_meta("test_resnet", 8, manifest, weights)
+    start = model_io.build(meta, weights).state_dict()
+    head = {"net.fc.weight", "net.fc.bias"}
+    options = {"backbone": "test_resnet", "pretrained": str(file), "threads": 1, "freeze_epochs": 1}
+
+    def moved(result) -> set[str]:
+        named = dict(result.model.named_parameters())
+        return {k for k, v in named.items() if not torch.equal(v.detach(), start[k])}
+
+    warm = train(config("train", epochs=1, **options), 0, *splits, meta, weights=weights)
+    assert moved(warm) == head  # only the head learned in the frozen epoch
+    tuned = train(config("train", epochs=2, **options), 0, *splits, meta, weights=weights)
+    assert moved(tuned) > head  # then the backbone learns too
+
+
+def test_photo_augmentation_crops_and_jitters_each_image_within_the_pixel_range():
+    x = torch.arange(4 * 16 * 16 * 3).reshape(4, 16, 16, 3).remainder(256).to(torch.uint8)
+    off = augment(x, config("train", crop_scale=1.0, color_jitter=0.0), torch.Generator().manual_seed(0))
+    assert torch.equal(off, x)  # both off: the batch is untouched
+    on = augment(x, config("train", crop_scale=0.3, color_jitter=0.4), torch.Generator().manual_seed(0))
+    assert on.shape == x.shape and on.dtype == torch.float32
+    assert on.min() >= 0.0 and on.max() <= 255.0
+    changed = [not torch.allclose(on[i], x[i].float()) for i in range(4)]
+    assert all(changed)
+    again = augment(x, config("train", crop_scale=0.3, color_jitter=0.4), torch.Generator().manual_seed(0))
+    assert torch.equal(on, again)  # one seeded stream: a resumed run draws the same crops

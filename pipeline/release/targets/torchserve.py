@@ -30,6 +30,7 @@ from pipeline.core import codegraph, failpoints
 from pipeline.core.config import Params
 from pipeline.core.files import write_json, write_text
 from pipeline.registry.store import Store, model_uri
+from pipeline.registry.versions import pip_requirements
 from pipeline.release import verify
 from pipeline.release.targets import torchserve_handler
 from pipeline.release.targets.base import Handover, Target, TargetError
@@ -67,6 +68,9 @@ def build_archive(store: Store, params: Params, root: Path, version: str) -> Pat
             "max_image_pixels": params.serve.max_image_pixels,
         }
         write_json(tmp / torchserve_handler.SETTINGS, settings)
+        # What the model's code imports (timm for its backbones): TorchServe installs it when the server
+        # runs with install_py_dep_per_model=true; otherwise its environment must have it.
+        write_text(tmp / "requirements.txt", "\n".join(pip_requirements()) + "\n")
         extra = [model_dir / WEIGHTS, model_dir / META, tmp / torchserve_handler.SETTINGS, package]
         cmd = [
             str(Path(sys.executable).with_name("torch-model-archiver")),
@@ -78,6 +82,8 @@ def build_archive(store: Store, params: Params, root: Path, version: str) -> Pat
             str(handler),
             "--extra-files",
             ",".join(str(p) for p in extra),
+            "--requirements-file",
+            str(tmp / "requirements.txt"),
             "--export-path",
             str(tmp),
             "--force",
