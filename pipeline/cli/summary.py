@@ -65,6 +65,8 @@ def _model_lines(root: Path) -> list[str]:
             f"p99 {perf['latency_p99_ms']:.2f} ms; {perf['throughput_ips']:,.0f} img/s at batch "
             f"{perf['throughput_batch']} on {perf['device']}"
         )
+    if (root / paths.MODEL_CARD).is_file():
+        out.append(f"model card  {paths.MODEL_CARD}; its worst mistakes, with Grad-CAM: {paths.MISTAKES}")
     return out
 
 

@@ -28,6 +28,8 @@ class DataConfig(_Section):
     download: bool
     image_size: list[Annotated[int, Field(ge=1)]] | None = Field(min_length=2, max_length=2)
     channels: Literal[0, 1, 3]
+    decode_workers: int = Field(ge=0)
+    interpolation: Literal["bilinear", "bicubic"]
     val_fraction: float = Field(ge=0.0, lt=1.0)
     test_fraction: float = Field(gt=0.0, lt=1.0)
     feedback: str
@@ -114,6 +116,8 @@ class EvaluateConfig(_Section):
     timing_runs: int = Field(ge=1)
     shift_pixels: int = Field(ge=0)
     check_flips: bool
+    mistake_pairs: int = Field(ge=0)
+    mistakes_per_pair: int = Field(ge=1)
 
 
 Metric = Literal["accuracy", "macro_f1"]

@@ -22,14 +22,28 @@ from pipeline.data.prepared import FILES, SPLITS, image_hashes, load_split, read
 DOCS_INDEX = "index.html"
 
 
+def _pixel_facts(x: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Per image: lowest and highest pixel, all finite, content hash; read `chunk` images at a time, so a
+    split far larger than memory (a memory map) is streamed, never held."""
+    n, width = len(x), int(np.prod(x.shape[1:]))  # explicit width: an empty split has no -1 to infer
+    lo, hi, finite, hashes = np.zeros(n), np.zeros(n), np.ones(n, dtype=bool), []
+    for start in range(0, n, chunk):
+        part = np.asarray(x[start : start + chunk])
+        flat = part.reshape(len(part), width)
+        if width:
+            lo[start : start + len(part)] = flat.min(axis=1)
+            hi[start : start + len(part)] = flat.max(axis=1)
+        if flat.dtype.kind == "f":
+            finite[start : start + len(part)] = np.isfinite(flat).all(axis=1)
+        hashes += image_hashes(part)
+    return lo, hi, finite, hashes
+
+
 def image_table(x: np.ndarray, y: np.ndarray, names: list[str]):
     import pandas as pd
 
     n = len(x)
-    flat = x.reshape(n, int(np.prod(x.shape[1:])))  # explicit width: an empty split has no -1 to infer
-    lo = flat.min(axis=1) if n and flat.shape[1] else np.zeros(n)
-    hi = flat.max(axis=1) if n and flat.shape[1] else np.zeros(n)
-    finite = np.isfinite(flat).all(axis=1) if flat.dtype.kind == "f" else np.ones(n, dtype=bool)
+    lo, hi, finite, hashes = _pixel_facts(x)
     return pd.DataFrame(
         {
             "name": names,
@@ -42,7 +56,7 @@ def image_table(x: np.ndarray, y: np.ndarray, names: list[str]):
             "pixel_max": np.nan_to_num(hi.astype(np.float64), nan=256.0),
             "constant": lo == hi,
             "label": y,
-            "hash": image_hashes(x),
+            "hash": hashes,
         }
     )
 

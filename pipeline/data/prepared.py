@@ -171,6 +171,7 @@ def prepare(
                 s: {c: int((raw.y[i] == k).sum()) for k, c in enumerate(raw.classes)} for s, i in idx.items()
             },
             "normalization": {"mean": mean, "std": std},
+            "interpolation": cfg.interpolation,
             "converted_channels": raw.converted_channels,
         }
         files = raw.files

@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.core.config import DataConfig
 from pipeline.core.files import file_sha256
+from pipeline.data import decoding
 from pipeline.data.images import channel_count, to_pixels
 
 # What torchvision's ImageFolder accepts, minus formats that carry no pixels we could train on.
@@ -117,7 +118,8 @@ def _convert_array(x: np.ndarray, cfg: DataConfig) -> np.ndarray:
     c = cfg.channels or x.shape[3]
     out = np.empty((len(x), h, w, c), dtype=np.uint8)
     for i, img in enumerate(x):
-        out[i] = to_pixels(Image.fromarray(img[..., 0] if img.shape[2] == 1 else img), h, w, c)
+        pil = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img)
+        out[i] = to_pixels(pil, h, w, c, cfg.interpolation)
     return out
 
 
@@ -162,37 +164,45 @@ def _walk(folder: Path) -> Iterator[Path]:
 
 
 def load_imagefolder(cfg: DataConfig, root: Path, scratch: Path) -> Raw:
-    """Decode every image once, straight into a memory-mapped array in `scratch`, so memory stays flat
-    however large the folder is."""
-    from PIL import Image
-
+    """Decode every image once, on every core, straight into a memory-mapped array in `scratch`, so
+    memory stays flat however large the folder is."""
     if not root.is_dir():
         raise SourceError(f"data.root {root} is not a folder of class sub-folders")
     classes, folders = _class_dirs(root)
     if not classes:
         raise SourceError(f"no class sub-folders in {root} (expected {root}/<class>/<image files>)")
     h, w = cfg.image_size
-    files = [_describe_file(root, split, c_dir.name, p) for split, c_dir in folders for p in _walk(c_dir)]
+    found = [(split, c_dir.name, str(p)) for split, c_dir in folders for p in _walk(c_dir)]
+    workers = decoding.workers_for(cfg.decode_workers, len(found))
+    files = decoding.run_chunks(_describe_files, found, workers, str(root))
     c_out = cfg.channels or _majority([r["channels"] for r in files if r["channels"]], default=3)
-    x = np.lib.format.open_memmap(
-        scratch / "decoded.npy", mode="w+", dtype=np.uint8, shape=(max(len(files), 1), h, w, c_out)
+    array = scratch / "decoded.npy"
+    x = np.lib.format.open_memmap(array, mode="w+", dtype=np.uint8, shape=(max(len(files), 1), h, w, c_out))
+    del x  # the workers write through their own maps
+    readable = [i for i, r in enumerate(files) if r["error"] is None]
+    jobs = [(row, files[i]["path"]) for row, i in enumerate(readable)]
+    errors = decoding.run_chunks(
+        decoding.decode_rows, jobs, workers, str(root), str(array), (h, w, c_out), cfg.interpolation
     )
-    n = 0
-    for row in files:
-        if row["error"] is None:
-            try:
-                with Image.open(root / row["path"]) as img:
-                    x[n] = to_pixels(img, h, w, c_out)  # a truncated file fails here, in the full decode
-            except Exception as err:  # PIL raises many types for bad bytes; all mean "unreadable"
-                row["error"] = f"unreadable: {type(err).__name__}: {err}"
-                continue
-            row["index"] = n
-            n += 1
+    x = np.load(array, mmap_mode="r+")
+    kept = []
+    for (row, _), i, error in zip(jobs, readable, errors, strict=True):
+        if error is None:
+            files[i]["index"] = len(kept)
+            kept.append(row)
+        else:
+            files[i]["error"] = error
+    n = decoding.compact(x, kept)
     ok = [r for r in files if r["index"] >= 0]
     y = np.array([classes.index(r["class"]) for r in ok], dtype=np.int64)
     # train/ is a pool prepare splits val from; val/ and test/ folders pin their images.
     fixed = np.array([r["split"] if r["split"] != "train" else "" for r in ok], dtype="<U5")
     return Raw(x[:n], y, classes, fixed, files, converted_channels=bool(cfg.channels))
+
+
+def _describe_files(found: list[tuple[str, str, str]], root: str) -> list[dict]:
+    """File rows of (split, class, path) triples: a worker's share (see pipeline.data.decoding)."""
+    return [_describe_file(Path(root), split, label, Path(path)) for split, label, path in found]
 
 
 def _describe_file(root: Path, split: str, label: str, path: Path) -> dict:
@@ -244,13 +254,14 @@ def _feedback_files(folder, reading) -> list[dict]:
     return rows
 
 
-def _fit(x: np.ndarray, h: int, w: int, c: int) -> np.ndarray:
+def _fit(x: np.ndarray, h: int, w: int, c: int, interpolation: str) -> np.ndarray:
     """Feedback inputs in the data's image shape (a champion of other inputs sampled them otherwise)."""
     from PIL import Image
 
     if x.shape[1:] == (h, w, c):
         return x
-    return np.stack([to_pixels(Image.fromarray(i[..., 0] if i.shape[-1] == 1 else i), h, w, c) for i in x])
+    images = (Image.fromarray(i[..., 0] if i.shape[-1] == 1 else i) for i in x)
+    return np.stack([to_pixels(img, h, w, c, interpolation) for img in images])
 
 
 def with_feedback(raw: Raw, cfg: DataConfig, folder, scratch: Path) -> Raw:
@@ -275,7 +286,7 @@ def with_feedback(raw: Raw, cfg: DataConfig, folder, scratch: Path) -> Raw:
             f"feedback in {folder.where} names classes the data does not have: {', '.join(unknown)} "
             f"(classes: {', '.join(raw.classes)})"
         )
-    x = _fit(rows["x"], h, w, c) if rows else np.empty((0, h, w, c), dtype=np.uint8)
+    x = _fit(rows["x"], h, w, c, cfg.interpolation) if rows else np.empty((0, h, w, c), dtype=np.uint8)
     y = np.array([raw.classes.index(lab) for lab in labels], dtype=np.int64)
     fixed = np.full(len(y), "train", dtype="<U8")
     for label in np.unique(y):

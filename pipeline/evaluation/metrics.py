@@ -79,12 +79,11 @@ def assess(
     probs_of, x: np.ndarray, y: np.ndarray, classes: list[str], cfg: EvaluateConfig
 ) -> tuple[dict, np.ndarray]:
     """Quality and behavioural metrics of a model given as `probs_of` (pixels -> class probabilities), and
-    its predicted classes for `x`."""
+    its class probabilities for `x`."""
     probs = probs_of(x)
-    pred = probs.argmax(1)
     quality = quality_metrics(probs, y, classes, cfg)
-    quality.update(stability_metrics(lambda z: probs_of(z).argmax(1), x, pred, cfg))
-    return quality, pred
+    quality.update(stability_metrics(lambda z: probs_of(z).argmax(1), x, probs.argmax(1), cfg))
+    return quality, probs
 
 
 def stability_metrics(predict, x: np.ndarray, pred: np.ndarray, cfg: EvaluateConfig) -> dict:

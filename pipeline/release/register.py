@@ -139,9 +139,9 @@ def _describe(store: Store, params: Params, root: Path, version: str, verdict: V
         tags.update(_experiment_tags(root, exp))
     if verdict.paired is not None:
         tags["paired_test"] = verdict.paired.sentence()
-    text = (
-        f"{_backbone(meta)} on data {meta['data_version'][:12]}: test accuracy {tags['accuracy']}, "
-        f"macro-F1 {tags['macro_f1']}; gate and infra validation passed.\n\n" + verdict.markdown()
+    # The model card (evaluate wrote it from the figures it measured) is what the registry UI shows.
+    text = (root / paths.MODEL_CARD).read_text().replace(
+        f"Gate: **{verdict.headline()}**.", f"Gate: **{verdict.headline()}**, infra validation passed.", 1
     )
     about = model_description(meta, read_manifest(root / paths.PREPARED_DIR)["source"])
     versions.describe(store, name, version, tags, text, about)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import orjson
 
-from pipeline.data.images import TooLarge, decode
+from pipeline.data.images import TooLarge, decode, interpolation_of
 
 # The last is what `curl --data-binary @digit.png` sends by default; the decoder checks the bytes anyway.
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream", "application/x-www-form-urlencoded")
@@ -129,10 +129,11 @@ def pixels_from_json(payload: object, shape: list[int], max_images: int) -> np.n
     return check_batch(numbers(data, "inputs"), shape, "inputs")
 
 
-def pixels_from_image(body: bytes, shape: list[int], max_pixels: int) -> np.ndarray:
-    h, w, c = shape
+def pixels_from_image(body: bytes, meta: dict, max_pixels: int) -> np.ndarray:
+    """An image file as one model input, resized as the model's training data was (model.json)."""
+    h, w, c = meta["input_shape"]
     try:
-        return decode(body, h, w, c, max_pixels).astype(np.float32)[None]
+        return decode(body, h, w, c, max_pixels, interpolation_of(meta)).astype(np.float32)[None]
     except TooLarge as err:
         raise Refused(413, str(err)) from None
     except ValueError:

@@ -12,7 +12,7 @@ from pipeline.core import paths
 from pipeline.core.config import Params
 from pipeline.core.files import load_json, write_csv, write_json, write_text
 from pipeline.data.prepared import FEEDBACK, Dataset, load_split, read_manifest, splits_of
-from pipeline.evaluation import figures, metrics
+from pipeline.evaluation import card, figures, metrics, mistakes
 from pipeline.evaluation.champion import champion_scores
 from pipeline.evaluation.gate import gate
 from pipeline.evaluation.verdict import Verdict
@@ -41,7 +41,8 @@ def run(params: Params, root: Path) -> dict:
         return model_io.predict_proba(model, pixels).numpy()
 
     with work():
-        quality, pred = metrics.assess(probs_of, np.asarray(test.x), test.y, test.classes, cfg)
+        quality, probs = metrics.assess(probs_of, np.asarray(test.x), test.y, test.classes, cfg)
+        pred = probs.argmax(1)
         quality["n_params"] = sum(p.numel() for p in model.parameters())
         quality["model_mb"] = (root / paths.MODEL_DIR / model_io.WEIGHTS).stat().st_size / 1e6
         if feedback is not None:
@@ -61,6 +62,8 @@ def run(params: Params, root: Path) -> dict:
         }
     )
     cm = _persist(root, quality, perf, verdict, test, pred)
+    with work():
+        _describe(params, root, (model, meta), quality, verdict, test, probs, cm)
     numbers = {
         k: v for k, v in {**quality, **perf}.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
@@ -70,7 +73,7 @@ def run(params: Params, root: Path) -> dict:
         quality["per_class_recall"],
         {"classes": test.classes, "matrix": cm.tolist()},
         figures.confusion_figure(cm, test.classes),
-        [root / paths.GATE_REPORT, root / paths.GATE_MARKDOWN],
+        [root / p for p in (paths.GATE_REPORT, paths.GATE_MARKDOWN, paths.MODEL_CARD, paths.MISTAKES)],
         verdict.summary(),
     )
     log(
@@ -80,6 +83,19 @@ def run(params: Params, root: Path) -> dict:
     for warning in verdict.warnings:
         log(f"gate warning (not blocking): {warning}")
     return verdict.model_dump(mode="json", by_alias=True)
+
+
+def _describe(params: Params, root: Path, loaded, quality: dict, verdict: Verdict, test, probs, cm) -> None:
+    """The model card and the picture of the worst mistakes it links to."""
+    model, meta = loaded
+    cfg = params.evaluate
+    pairs = mistakes.confused_pairs(cm, cfg.mistake_pairs)
+    mistakes.write_grid(root / paths.MISTAKES, model, test.x, probs, test.y, test.classes, pairs,
+                        cfg.mistakes_per_pair)  # fmt: skip
+    manifest = read_manifest(root / paths.PREPARED_DIR)
+    train = load_json(root / paths.TRAIN_REPORT)
+    text = card.model_card(meta, manifest, quality, train, verdict, cm, pairs, params.gate.max_ece)
+    write_text(root / paths.MODEL_CARD, text)
 
 
 def _persist(root: Path, quality: dict, perf: dict, verdict: Verdict, test, pred: np.ndarray) -> np.ndarray:

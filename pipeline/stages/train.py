@@ -65,10 +65,11 @@ class _Job:
             raise StageFailed(str(err)) from None
         meta = model_io.make_meta(t.backbone, t.width, manifest, weights)
         expects = meta["pretrained"].get("expects")
-        if expects and expects["input_size"] != manifest["image_shape"][:2]:
-            log(f"note: {t.backbone}'s weights were trained on {expects['input_size']} inputs "
-                f"({expects['interpolation']} resize); this data is {manifest['image_shape'][:2]} "
-                "(data.image_size)")  # fmt: skip
+        ours = (manifest["image_shape"][:2], meta["interpolation"])
+        if expects and (expects["input_size"], expects["interpolation"]) != ours:
+            log(f"note: {t.backbone}'s weights were trained on {expects['input_size']} inputs resized "
+                f"{expects['interpolation']}; this data is {ours[0]}, {ours[1]} (data.image_size, "
+                "data.interpolation)")  # fmt: skip
         meta["params_hash"] = params.section_hash("seed", "data", "train")
         world_size = world()[1]
         key = checkpoint.fingerprint(params.train, params.seed, meta, world_size, _code())

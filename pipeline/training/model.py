@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.core.files import load_json, write_json
+from pipeline.data.images import interpolation_of
 from pipeline.training import backbones
 
 WEIGHTS = "model.pt"
@@ -56,6 +57,7 @@ def make_meta(backbone: str, width: int, manifest: dict, weights: backbones.Weig
         "input_shape": manifest["image_shape"],
         "classes": manifest["classes"],
         "normalization": manifest["normalization"],
+        "interpolation": interpolation_of(manifest),  # serving resizes uploads as prepare did
         "data_version": manifest["data_version"],
         "pretrained": (weights or backbones.Weights(backbones.NONE, None, backbones.NONE)).describe(),
     }

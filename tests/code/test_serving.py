@@ -280,7 +280,7 @@ def test_json_parsers_keep_integers_exact_and_refuse_ragged_arrays():
         protocols.pixels_from_json({"inputs": [[[[1]] * 8] * 8, [[1]]]}, SHAPE, 10)
     assert err.value.status == 400
     with pytest.raises(Refused) as err:
-        protocols.pixels_from_image(_png((5000, 5000)), SHAPE, 1000)
+        protocols.pixels_from_image(_png((5000, 5000)), {"input_shape": SHAPE}, 1000)
     assert err.value.status == 413 and "5000x5000" in err.value.detail
 
 

@@ -23,6 +23,7 @@ def _files(root):
         kinds = [
             ("L", (13, 7), "png"), ("RGB", (40, 30), "png"), ("RGBA", (10, 12), "png"), ("P", (9, 33), "png"),
             ("L", (64, 5), "jpg"), ("RGB", (31, 17), "jpg"), ("RGB", (12, 10), "png"), ("L", (12, 10), "jpg"),
+            ("RGB", (96, 80), "jpg"),  # many times the target size: libjpeg decodes it at a reduced scale
         ]  # fmt: skip
         for i, (mode, size, suffix) in enumerate(kinds):
             pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
@@ -57,20 +58,21 @@ def _served_inputs(meta: dict, bodies: list[bytes]) -> list[np.ndarray]:
     return seen
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_prepare_and_predict_give_the_model_identical_pixels(tmp_path, channels):
+@pytest.mark.parametrize(("channels", "interpolation"), [(1, "bilinear"), (3, "bilinear"), (3, "bicubic")])
+def test_prepare_and_predict_give_the_model_identical_pixels(tmp_path, channels, interpolation):
     from pipeline.training.model import make_meta
 
     root = tmp_path / "images"
     _files(root)
     out = tmp_path / "prepared"
     prepare(
-        config("data", source="imagefolder", root=str(root), image_size=[11, 9], channels=channels), 0, out
-    )
+        config("data", source="imagefolder", root=str(root), image_size=[11, 9], channels=channels,
+               interpolation=interpolation), 0, out,
+    )  # fmt: skip
     manifest = read_manifest(out)
     with open(out / FILES) as f:
         rows = [r for r in csv.DictReader(f) if int(r["index"]) >= 0]
-    assert len(rows) == 16
+    assert len(rows) == 18
     trained = [np.asarray(load_split(out, r["split"]).x[int(r["index"])]) for r in rows]
     served = _served_inputs(
         make_meta("small_cnn", 4, manifest), [(root / r["path"]).read_bytes() for r in rows]

@@ -128,3 +128,40 @@ def test_a_crafted_archive_cannot_write_outside_the_data_folder(tmp_path):
         prepare(config("data", source="cifar10", root=str(root)), 0, tmp_path / "p")
     assert not (tmp_path / "data" / "escaped.txt").exists()
     assert not (root.parent / "escaped.txt").exists()
+
+
+def _jpeg_folder(root, n: int) -> None:
+    """`n` small mixed-size JPEGs of two classes, a large one (decoded in draft mode) and a truncated one."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        size = (int(rng.integers(12, 40)), int(rng.integers(12, 40)))
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / f"c{i % 2}" / f"{i:04d}.jpg")
+    Image.fromarray(rng.integers(0, 256, (400, 300, 3), dtype=np.uint8)).save(root / "c0" / "big.jpg")
+    whole = (root / "c1" / "0001.jpg").read_bytes()
+    (root / "c1" / "0003.jpg").write_bytes(whole[: len(whole) // 2])  # a header, then nothing
+
+
+def test_decoding_on_every_core_gives_what_one_process_gives(tmp_path):
+    from pipeline.data import decoding
+    from pipeline.data.sources import load_imagefolder
+
+    root = tmp_path / "images"
+    _jpeg_folder(root, decoding.PARALLEL_FROM + 88)
+    results = []
+    for workers in (1, 2):
+        scratch = tmp_path / f"scratch{workers}"
+        scratch.mkdir()
+        cfg = config("data", source="imagefolder", root=str(root), image_size=[16, 16], channels=3,
+                     decode_workers=workers)  # fmt: skip
+        results.append(load_imagefolder(cfg, root, scratch))
+    one, many = results
+    assert np.array_equal(np.asarray(one.x), np.asarray(many.x)) and np.array_equal(one.y, many.y)
+    assert one.files == many.files
+    bad = [r for r in many.files if r["error"]]
+    assert [r["path"] for r in bad] == ["c1/0003.jpg"] and bad[0]["error"].startswith("unreadable")
+    assert len(many.y) == decoding.PARALLEL_FROM + 88  # every readable file, the big one too, in order
+    assert [r["index"] for r in many.files if not r["error"]] == list(range(len(many.y)))

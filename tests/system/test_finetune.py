@@ -160,7 +160,14 @@ def test_a_fine_tuned_backbone_streams_through_the_whole_pipeline_and_serves_ful
     out = run(["dvc", "repro"], cwd=project).stdout
     assert "registered tollgate-classifier v1" in out, out
     version = model_client(project).get_model_version("tollgate-classifier", "1")
-    assert "test_resnet (fine-tuned from file weights weights/backbone.pth)" in version.description
+    card = version.description  # the model card: what a person reads in the registry
+    assert "`test_resnet`, fine-tuned from file weights `weights/backbone.pth`" in card
+    assert "| angle0 | 6 | 30 | 30 |" in card  # images per class and split
+    assert "**Most confused pairs**" in card and "## Limitations" in card
+    client = model_client(project)
+    logged = {a.path for a in client.list_artifacts(version.run_id, "evaluation")}
+    assert {"evaluation/model_card.md", "evaluation/mistakes.png"} <= logged
+    _looks_like_a_grid_of_mistakes(project / paths.MISTAKES)
     assert any(r.startswith("timm==") for r in _requirements(project, version))
 
     with open(project / paths.PREPARED_DIR / FILES) as f:
@@ -177,6 +184,19 @@ def test_a_fine_tuned_backbone_streams_through_the_whole_pipeline_and_serves_ful
             assert body["predictions"][0]["class"] == f"angle{int(evaluated.item()) * 2}", row["path"]
     finally:
         server.stop()
+
+
+def _looks_like_a_grid_of_mistakes(png) -> None:
+    """What a person would see: a white sheet with a title and, per mistake, the photo and a coloured map."""
+    from PIL import Image
+
+    with Image.open(png) as img:
+        assert img.format == "PNG"
+        pixels = np.asarray(img.convert("RGB")).astype(int)
+    assert pixels.shape[1] >= 600 and pixels.shape[0] >= 150
+    assert (pixels[:5] == 255).all()  # a white margin above the title
+    saturation = pixels.max(axis=2) - pixels.min(axis=2)
+    assert (saturation > 100).mean() > 0.02  # the heat maps' colours (the stripes' tints are paler)
 
 
 def _requirements(project, version) -> list[str]:

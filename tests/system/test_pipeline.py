@@ -76,7 +76,10 @@ def test_cold_run_registers_and_promotes_version_1_with_lineage(cold_project, pr
         assert f"| {check} |" in mv.description
     assert mv.tags["infra_validation"] == "passed" and mv.tags["git_dirty"] == "false"
     assert {"data_version", "params_hash", "accuracy", "macro_f1"} <= set(mv.tags)
-    assert "gate and infra validation passed" in mv.description
+    # the description is the model card (evaluate's figures), with registration's own finding added
+    assert mv.description.startswith("# Model card: small_cnn on `digits`")
+    assert "Gate: **PASSED**, infra validation passed." in mv.description
+    assert "| class | precision | recall |" in mv.description and "**Most confused pairs**" in mv.description
     about = client.get_registered_model(NAME).description
     assert "Image classifier over 10 classes (0, 1, 2" in about and "(N, 8, 8, 1)" in about
     assert "@champion" in about and "infra validation" in about

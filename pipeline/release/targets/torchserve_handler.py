@@ -34,7 +34,7 @@ class TollgateHandler:
 
         shape = self.meta["input_shape"]
         if isinstance(body, (bytes, bytearray)) and not bytes(body[:1]).strip().startswith((b"{", b"[")):
-            return protocols.pixels_from_image(bytes(body), shape, self.settings["max_image_pixels"])
+            return protocols.pixels_from_image(bytes(body), self.meta, self.settings["max_image_pixels"])
         if isinstance(body, (bytes, bytearray)):
             body = protocols.parse_json({"content-type": "application/json"}, bytes(body))
         return protocols.pixels_from_json(body, shape, self.settings["max_request_images"])

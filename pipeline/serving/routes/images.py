@@ -28,7 +28,7 @@ async def predict(request: Request, response: Response, top_k: int = 3) -> dict:
         body = await protocols.file_from_multipart(request.headers, body)
     served = ctx.served_now()
     x = await asyncio.get_running_loop().run_in_executor(
-        None, protocols.pixels_from_image, body, served.meta["input_shape"], ctx.params.serve.max_image_pixels
+        None, protocols.pixels_from_image, body, served.meta, ctx.params.serve.max_image_pixels
     )
     rid = request_id(request.headers)
     probs = (await ctx.predicted(served, x, rid))[0]
