@@ -15,6 +15,7 @@ classes) once into `--folder`, then measures, back to back in this run:
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from bench.data_timing import timed  # noqa: E402
 from tests.support import make_project, run, set_param  # noqa: E402
 
@@ -69,7 +71,7 @@ def torchvision_loader(folder: Path) -> float:
     return len(data) / (time.perf_counter() - start)
 
 
-def prepare_reader(folder: Path) -> float:
+def reader_rate(folder: Path) -> float:
     from pipeline.data.sources import load_imagefolder
     from tests.support import config
 
@@ -78,6 +80,17 @@ def prepare_reader(folder: Path) -> float:
         start = time.perf_counter()
         raw = load_imagefolder(cfg, folder, Path(scratch))
         return len(raw.y) / (time.perf_counter() - start)
+
+
+def prepare_reader(folder: Path) -> float:
+    """prepare's reader (checksums, headers, decode) in a fresh process, as the stage runs it: its workers
+    are spawned, and a spawned worker re-imports the parent's main module (this script's imports)."""
+    code = (
+        "from pathlib import Path; from bench.photo_folder import reader_rate; "
+        f"print(reader_rate(Path({str(folder)!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
 
 
 def main() -> None:

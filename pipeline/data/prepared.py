@@ -54,10 +54,18 @@ def stratified_split(
     return {s: np.sort(np.concatenate([np.zeros(0, dtype=np.int64), *parts[s]])) for s in SPLITS}
 
 
-def channel_stats(x: np.ndarray, chunk: int = 8192) -> tuple[list[float], list[float]]:
+def rows_per_chunk(x: np.ndarray, megabytes: int = 16) -> int:
+    """Images per chunk so that one chunk of `x` is about `megabytes`: counted in images, a chunk of
+    224x224x3 photos would be 40 times one of MNIST digits (and 8 times more again as float64)."""
+    row = max(1, int(np.prod(x.shape[1:])) * x.dtype.itemsize)
+    return max(1, (megabytes << 20) // row)
+
+
+def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of pixels scaled to [0, 1], summed in float64 a chunk at a time so the
-    figures are reproducible and memory stays flat."""
+    figures are reproducible and memory stays flat (a float64 chunk is 8x its 16 MB of pixels)."""
     c = x.shape[-1]
+    chunk = rows_per_chunk(x)
     n, total, squares = 0, np.zeros(c), np.zeros(c)
     for i in range(0, len(x), chunk):
         flat = x[i : i + chunk].reshape(-1, c).astype(np.float64) / 255.0
@@ -116,12 +124,13 @@ def assign_splits(
     return {s: np.flatnonzero(split_of == s) for s in named}
 
 
-def _save_rows(path: Path, x: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> None:
+def _save_rows(path: Path, x: np.ndarray, idx: np.ndarray) -> None:
     """x[idx] to a .npy file, a chunk at a time: a memory-mapped source is never loaded whole."""
     if len(idx) == 0:  # an empty split cannot be memory-mapped; validation reports it
         np.save(path, np.empty((0, *x.shape[1:]), dtype=x.dtype))
         return
     out = np.lib.format.open_memmap(path, mode="w+", dtype=x.dtype, shape=(len(idx), *x.shape[1:]))
+    chunk = rows_per_chunk(x, 64)
     for i in range(0, len(idx), chunk):
         out[i : i + chunk] = x[idx[i : i + chunk]]
     out.flush()
