@@ -5,23 +5,14 @@ of its mistakes."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from pipeline.data.images import interpolation_of
 from pipeline.evaluation.verdict import Verdict
+from pipeline.monitoring.drift import wilson_interval
 from pipeline.training.model import backbone_name
 
 MISTAKES_PNG = "mistakes.png"  # the picture's name beside the card, in reports/ and in the run's artifacts
-
-
-def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _figure(value: float | None) -> str:
@@ -82,7 +73,7 @@ def _evaluation(
     quality: dict, classes: list[str], pairs: list[tuple[int, int, int]], cm: np.ndarray
 ) -> list[str]:
     n = quality["n_test"]
-    low, high = _wilson(quality["accuracy"], n)
+    low, high = wilson_interval(quality["accuracy"], n)
     lines = [
         "## Evaluation (test split)",
         "",

@@ -161,16 +161,23 @@ def read_reference(folder: Path) -> Reference | None:
         raise DamagedReference(f"{REFERENCE} cannot be read ({type(err).__name__}: {err})") from None
 
 
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a share `p` of `n` trials ((0, 1) when there are none)."""
+    if n == 0:
+        return 0.0, 1.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def estimate_accuracy(ref: Reference, confidence: np.ndarray, z: float = 1.96) -> dict | None:
     """ATC: the share of `confidence` above the reference's threshold, with a Wilson interval; None for a
     reference without labels."""
     if ref.correct is None or len(confidence) == 0:
         return None
-    n = len(confidence)
     est = float((confidence > ref.atc_threshold).mean())
-    centre = (est + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(est * (1 - est) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return {"estimate": est, "low": float(max(0.0, centre - half)), "high": float(min(1.0, centre + half))}
+    low, high = wilson_interval(est, len(confidence), z)
+    return {"estimate": est, "low": low, "high": high}
 
 
 def mmd(live: np.ndarray, ref: np.ndarray, permutations: int, seed: int = 0) -> tuple[float, float]:

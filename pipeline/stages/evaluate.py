@@ -31,7 +31,8 @@ def _feedback_slice(prepared: Path) -> Dataset | None:
 
 def run(params: Params, root: Path) -> dict:
     cfg = params.evaluate
-    run_id = load_json(root / paths.TRAIN_REPORT)["run_id"]
+    train = load_json(root / paths.TRAIN_REPORT)
+    run_id = train["run_id"]
     model, meta = model_io.load(root / paths.MODEL_DIR)
     test = load_split(root / paths.PREPARED_DIR, "test")
     feedback = _feedback_slice(root / paths.PREPARED_DIR)
@@ -63,7 +64,7 @@ def run(params: Params, root: Path) -> dict:
     )
     cm = _persist(root, quality, perf, verdict, test, pred)
     with work():
-        _describe(params, root, (model, meta), quality, verdict, test, probs, cm)
+        _describe(params, root, (model, meta, train), quality, verdict, test, probs, cm)
     numbers = {
         k: v for k, v in {**quality, **perf}.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
@@ -87,13 +88,12 @@ def run(params: Params, root: Path) -> dict:
 
 def _describe(params: Params, root: Path, loaded, quality: dict, verdict: Verdict, test, probs, cm) -> None:
     """The model card and the picture of the worst mistakes it links to."""
-    model, meta = loaded
+    model, meta, train = loaded
     cfg = params.evaluate
     pairs = mistakes.confused_pairs(cm, cfg.mistake_pairs)
     mistakes.write_grid(root / paths.MISTAKES, model, test.x, probs, test.y, test.classes, pairs,
                         cfg.mistakes_per_pair)  # fmt: skip
     manifest = read_manifest(root / paths.PREPARED_DIR)
-    train = load_json(root / paths.TRAIN_REPORT)
     text = card.model_card(meta, manifest, quality, train, verdict, cm, pairs, params.gate.max_ece)
     write_text(root / paths.MODEL_CARD, text)
 

@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from pipeline.core.files import file_sha256
+
 OWN = ("small_cnn", "resnet18")  # tollgate's networks; every other name is timm's
 NONE, HUB = "none", "hub"
 
@@ -41,7 +43,7 @@ class Weights:
 
     def describe(self) -> dict:
         """What model.json, the run and the checkpoint fingerprint record: other weights, another run."""
-        digest = _sha256(Path(self.file)) if self.file else None
+        digest = file_sha256(self.file) if self.file else None
         return {"source": self.source, "weights": self.name, "sha256": digest}
 
 
@@ -86,16 +88,6 @@ def resnet18(in_channels: int, n_classes: int) -> nn.Module:
     net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     return net
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _timm():
@@ -174,9 +166,10 @@ def resolve(backbone: str, pretrained: str, download: bool, root: Path) -> Weigh
                 "set train.pretrained: hub to use timm's published weights"
             )
         return Weights("file", str(path), pretrained)
-    if pretrained_config(backbone) is None:
+    expects = pretrained_config(backbone)
+    if expects is None:
         raise WeightsUnavailable(f"train.pretrained: timm publishes no pretrained weights for {backbone}")
-    hub_id = pretrained_config(backbone)["id"]
+    hub_id = expects["id"]
     cached = _hub_cache_candidates(backbone)
     if cached:
         return Weights(HUB, str(cached[0]), hub_id)
