@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data import arrays
+
 PARALLEL_FROM = 512  # files; below this, worker start-up (~1 s each) outweighs what they save
 CHUNK = 64  # files per task: enough to amortise the round trip, small enough to balance the cores
 
@@ -40,32 +42,34 @@ def run_chunks(fn: Callable, items: Sequence, workers: int, *args) -> list:
         return [r for f in futures for r in f.result()]
 
 
-def decode_rows(jobs: Sequence[tuple[int, str]], root: str, array: str, shape: tuple[int, int, int],
-                interpolation: str) -> list:  # fmt: skip
-    """Decode each (row, relative path) into row `row` of the .npy memory map `array`; the error of each
-    job, or None. Runs in a worker: opens the map itself."""
+def decode_rows(jobs: Sequence[tuple[int, str]], root: str, array: str, offset: int,
+                shape: tuple[int, int, int], interpolation: str) -> list:  # fmt: skip
+    """Decode each (row, relative path) into row `row` of the .npy file `array` (rows from byte `offset`);
+    the error of each job, or None. Runs in a worker: writes its rows itself."""
     from PIL import Image
 
     from pipeline.data.images import to_pixels
 
     h, w, c = shape
-    x = np.load(array, mmap_mode="r+")
     errors = []
     for row, rel in jobs:
         try:
             with Image.open(Path(root) / rel) as img:
                 # a truncated file fails here, in the full decode
-                x[row] = to_pixels(img, h, w, c, interpolation)
+                arrays.write_rows(array, offset, row, to_pixels(img, h, w, c, interpolation)[None])
             errors.append(None)
         except Exception as err:  # PIL raises many types for bad bytes; all mean "unreadable"
             errors.append(f"unreadable: {type(err).__name__}: {err}")
-    x.flush()
     return errors
 
 
-def compact(x: np.ndarray, rows: list[int]) -> int:
-    """Move the decoded `rows` (ascending) to the front of `x`, in order; how many there are."""
-    for target, row in enumerate(rows):
-        if row != target:
-            x[target] = x[row]
-    return len(rows)
+def compact(array: Path, offset: int, shape: tuple[int, ...], rows: list[int]) -> np.ndarray:
+    """Move the decoded `rows` (ascending) of the .npy file `array` to its front, in order; those rows as a
+    read-only memory map. A row is only ever moved forward, so no row is overwritten before it is read."""
+    x = np.load(array, mmap_mode="r")
+    if rows != list(range(len(rows))):
+        step = arrays.rows_per_chunk(x, 64)
+        for i in range(0, len(rows), step):
+            arrays.write_rows(array, offset, i, arrays.take(x, rows[i : i + step]))
+    del x
+    return np.memmap(array, dtype=np.uint8, mode="r", offset=offset, shape=(len(rows), *shape))

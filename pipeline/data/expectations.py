@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.config import ValidateConfig
+from pipeline.data import arrays
 from pipeline.data.prepared import (
     FILES,
     SPLITS,
     image_hashes,
     load_split,
     read_manifest,
-    rows_per_chunk,
     splits_of,
 )
 
@@ -33,11 +33,9 @@ DOCS_INDEX = "index.html"
 def _pixel_facts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Per image: lowest and highest pixel, all finite, content hash; read 64 MB at a time, so a split
     far larger than memory (a memory map) is streamed, never held."""
-    chunk = rows_per_chunk(x, 64)
     n, width = len(x), int(np.prod(x.shape[1:]))  # explicit width: an empty split has no -1 to infer
     lo, hi, finite, hashes = np.zeros(n), np.zeros(n), np.ones(n, dtype=bool), []
-    for start in range(0, n, chunk):
-        part = np.asarray(x[start : start + chunk])
+    for start, part in arrays.blocks(x):
         flat = part.reshape(len(part), width)
         if width:
             lo[start : start + len(part)] = flat.min(axis=1)

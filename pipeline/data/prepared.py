@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.core.config import DataConfig
 from pipeline.core.files import atomic_dir, file_sha256, load_json, write_json
-from pipeline.data import shards
+from pipeline.data import arrays, shards
 from pipeline.data.sources import FILE_COLUMNS, load_raw, with_feedback
 
 SPLITS = ("train", "val", "test")
@@ -54,21 +54,13 @@ def stratified_split(
     return {s: np.sort(np.concatenate([np.zeros(0, dtype=np.int64), *parts[s]])) for s in SPLITS}
 
 
-def rows_per_chunk(x: np.ndarray, megabytes: int = 16) -> int:
-    """Images per chunk so that one chunk of `x` is about `megabytes`: counted in images, a chunk of
-    224x224x3 photos would be 40 times one of MNIST digits (and 8 times more again as float64)."""
-    row = max(1, int(np.prod(x.shape[1:])) * x.dtype.itemsize)
-    return max(1, (megabytes << 20) // row)
-
-
 def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of pixels scaled to [0, 1], summed in float64 a chunk at a time so the
     figures are reproducible and memory stays flat (a float64 chunk is 8x its 16 MB of pixels)."""
     c = x.shape[-1]
-    chunk = rows_per_chunk(x)
     n, total, squares = 0, np.zeros(c), np.zeros(c)
-    for i in range(0, len(x), chunk):
-        flat = x[i : i + chunk].reshape(-1, c).astype(np.float64) / 255.0
+    for _, part in arrays.blocks(x, 16):
+        flat = part.reshape(-1, c).astype(np.float64) / 255.0
         n += len(flat)
         total += flat.sum(axis=0)
         squares += (flat * flat).sum(axis=0)
@@ -78,7 +70,8 @@ def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def image_hashes(x: np.ndarray) -> list[str]:
-    return [hashlib.blake2b(img.tobytes(), digest_size=16).hexdigest() for img in x]
+    return [hashlib.blake2b(img.tobytes(), digest_size=16).hexdigest() for _, part in arrays.blocks(x)
+            for img in part]  # fmt: skip
 
 
 def splits_of(manifest: dict) -> tuple[str, ...]:
@@ -87,13 +80,14 @@ def splits_of(manifest: dict) -> tuple[str, ...]:
 
 
 def content_hash(prepared: Path, classes: list[str], splits: tuple[str, ...] = SPLITS) -> str:
-    """The data version: a digest of every array and the class list, in a fixed order. Arrays are read
-    through memory maps, so hashing a large dataset does not load it."""
+    """The data version: a digest of every array and the class list, in a fixed order. Arrays are read a
+    block at a time, so hashing a large dataset does not load it."""
     h = hashlib.sha256()
     for name in splits:
         for arr in (np.load(prepared / f"{name}_x.npy", mmap_mode="r"), np.load(prepared / f"{name}_y.npy")):
             h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
-            h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+            for _, part in arrays.blocks(arr):
+                h.update(part.reshape(-1).view(np.uint8))
     h.update("\n".join(classes).encode())
     return h.hexdigest()
 
@@ -126,15 +120,9 @@ def assign_splits(
 
 def _save_rows(path: Path, x: np.ndarray, idx: np.ndarray) -> None:
     """x[idx] to a .npy file, a chunk at a time: a memory-mapped source is never loaded whole."""
-    if len(idx) == 0:  # an empty split cannot be memory-mapped; validation reports it
-        np.save(path, np.empty((0, *x.shape[1:]), dtype=x.dtype))
-        return
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=x.dtype, shape=(len(idx), *x.shape[1:]))
-    chunk = rows_per_chunk(x, 64)
-    for i in range(0, len(idx), chunk):
-        out[i : i + chunk] = x[idx[i : i + chunk]]
-    out.flush()
-    del out
+    step = arrays.rows_per_chunk(x, 64)
+    parts = (arrays.take(x, idx[i : i + step]) for i in range(0, len(idx), step))
+    arrays.save(path, (len(idx), *x.shape[1:]), x.dtype, parts)
 
 
 def _write_files_table(path: Path, files: list[dict], where: dict[int, tuple[str, int]]) -> None:

@@ -7,6 +7,7 @@ could not be used, so validation can name them.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import numpy as np
 
 from pipeline.core.config import DataConfig
 from pipeline.core.files import file_sha256
-from pipeline.data import decoding
+from pipeline.data import arrays, decoding
 from pipeline.data.images import channel_count, to_pixels
 
 # What torchvision's ImageFolder accepts, minus formats that carry no pixels we could train on.
@@ -164,8 +165,8 @@ def _walk(folder: Path) -> Iterator[Path]:
 
 
 def load_imagefolder(cfg: DataConfig, root: Path, scratch: Path) -> Raw:
-    """Decode every image once, on every core, straight into a memory-mapped array in `scratch`, so
-    memory stays flat however large the folder is."""
+    """Decode every image once, on every core, straight into an .npy file in `scratch` (returned as a
+    memory map nothing has read yet), so memory stays flat however large the folder is."""
     if not root.is_dir():
         raise SourceError(f"data.root {root} is not a folder of class sub-folders")
     classes, folders = _class_dirs(root)
@@ -177,14 +178,12 @@ def load_imagefolder(cfg: DataConfig, root: Path, scratch: Path) -> Raw:
     files = decoding.run_chunks(_describe_files, found, workers, str(root))
     c_out = cfg.channels or _majority([r["channels"] for r in files if r["channels"]], default=3)
     array = scratch / "decoded.npy"
-    x = np.lib.format.open_memmap(array, mode="w+", dtype=np.uint8, shape=(max(len(files), 1), h, w, c_out))
-    del x  # the workers write through their own maps
+    offset = arrays.create(array, (max(len(files), 1), h, w, c_out))
     readable = [i for i, r in enumerate(files) if r["error"] is None]
     jobs = [(row, files[i]["path"]) for row, i in enumerate(readable)]
     errors = decoding.run_chunks(
-        decoding.decode_rows, jobs, workers, str(root), str(array), (h, w, c_out), cfg.interpolation
+        decoding.decode_rows, jobs, workers, str(root), str(array), offset, (h, w, c_out), cfg.interpolation
     )
-    x = np.load(array, mmap_mode="r+")
     kept = []
     for (row, _), i, error in zip(jobs, readable, errors, strict=True):
         if error is None:
@@ -192,12 +191,12 @@ def load_imagefolder(cfg: DataConfig, root: Path, scratch: Path) -> Raw:
             kept.append(row)
         else:
             files[i]["error"] = error
-    n = decoding.compact(x, kept)
+    x = decoding.compact(array, offset, (h, w, c_out), kept)
     ok = [r for r in files if r["index"] >= 0]
     y = np.array([classes.index(r["class"]) for r in ok], dtype=np.int64)
     # train/ is a pool prepare splits val from; val/ and test/ folders pin their images.
     fixed = np.array([r["split"] if r["split"] != "train" else "" for r in ok], dtype="<U5")
-    return Raw(x[:n], y, classes, fixed, files, converted_channels=bool(cfg.channels))
+    return Raw(x, y, classes, fixed, files, converted_channels=bool(cfg.channels))
 
 
 def _describe_files(found: list[tuple[str, str, str]], root: str) -> list[dict]:
@@ -302,8 +301,11 @@ def with_feedback(raw: Raw, cfg: DataConfig, folder, scratch: Path) -> Raw:
                       "split": "feedback", "index": offset + i, "kind": "image", "error": None,
                       "height": h, "width": w, "channels": c})  # fmt: skip
     files += [{**row, "path": f"{where}/{row['path']}"} for row in extra]
+    joined = scratch / "with_feedback.npy"
+    parts = itertools.chain((part for _, part in arrays.blocks(raw.x)), [x])  # one block in memory at a time
+    arrays.save(joined, (len(raw.x) + len(x), h, w, c), raw.x.dtype, parts)
     return Raw(
-        np.concatenate([raw.x, x]),
+        np.load(joined, mmap_mode="r"),
         np.concatenate([raw.y, y]),
         raw.classes,
         np.concatenate([raw.fixed.astype("<U8"), fixed]),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.core.config import TrainConfig
+from pipeline.data import arrays
 from pipeline.data.prepared import Dataset
 
 
@@ -92,7 +93,7 @@ class _Rows(torch.utils.data.Dataset):
         if self.x is None:  # opened in the worker, not pickled from the parent
             self.x = np.load(self.path, mmap_mode="r")
         # Same order as in memory, so streaming trains the very same model.
-        return torch.from_numpy(np.ascontiguousarray(self.x[idx])), torch.from_numpy(self.y[idx])
+        return torch.from_numpy(arrays.take(self.x, idx)), torch.from_numpy(self.y[idx])
 
 
 def _collate(batch):
