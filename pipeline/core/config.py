@@ -22,14 +22,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+BACKBONE = "backbone"  # data.image_size / data.interpolation: as train.backbone's pretrained weights expect
+
+
 class DataConfig(_Section):
     source: Literal["digits", "mnist", "fashion_mnist", "cifar10", "imagefolder"]
     root: str
     download: bool
-    image_size: list[Annotated[int, Field(ge=1)]] | None = Field(min_length=2, max_length=2)
+    # "backbone": what train.backbone's pretrained weights were trained on (resolved by the prepare stage)
+    image_size: (
+        Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]
+        | Literal["backbone"]
+        | None
+    )
     channels: Literal[0, 1, 3]
     decode_workers: int = Field(ge=0)
-    interpolation: Literal["bilinear", "bicubic"]
+    interpolation: Literal["bilinear", "bicubic", "backbone"]
     val_fraction: float = Field(ge=0.0, lt=1.0)
     test_fraction: float = Field(gt=0.0, lt=1.0)
     feedback: str

@@ -1,5 +1,5 @@
-"""Reading a folder of image files on every core: checksums and headers first, then the full decode into
-one memory-mapped array, each worker writing its own rows of the file (nothing large crosses processes).
+"""Reading a folder of image files on every core: checksums, headers and the full decode into one .npy
+file, each worker writing its own rows of it (nothing large crosses processes).
 
 Decoding a JPEG is most of the cost of preparing photos, and it is embarrassingly parallel; the workers
 are fresh processes (spawned, not forked: the parent may hold threads), so a small folder stays in this
@@ -9,8 +9,10 @@ process, where starting them would cost more than it saves.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -33,43 +35,70 @@ def _chunks(items: Sequence, size: int = CHUNK) -> list[Sequence]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def run_chunks(fn: Callable, items: Sequence, workers: int, *args) -> list:
-    """`fn(chunk, *args)` over chunks of `items`, in order, on `workers` processes; results concatenated."""
+@contextmanager
+def chunk_runner(workers: int) -> Iterator[Callable[..., list]]:
+    """`run(fn, items, *args)`: `fn(chunk, *args)` over chunks of `items`, in order, results concatenated;
+    on `workers` processes, started once for every call inside the block."""
     if workers <= 1:
-        return [r for chunk in _chunks(items) for r in fn(chunk, *args)]
+        yield lambda fn, items, *args: [r for chunk in _chunks(items) for r in fn(chunk, *args)]
+        return
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(fn, chunk, *args) for chunk in _chunks(items)]
-        return [r for f in futures for r in f.result()]
+
+        def run(fn: Callable, items: Sequence, *args) -> list:
+            futures = [pool.submit(fn, chunk, *args) for chunk in _chunks(items)]
+            return [r for f in futures for r in f.result()]
+
+        yield run
 
 
-def decode_rows(jobs: Sequence[tuple[int, str]], root: str, array: str, offset: int,
-                shape: tuple[int, int, int], interpolation: str) -> list:  # fmt: skip
-    """Decode each (row, relative path) into row `row` of the .npy file `array` (rows from byte `offset`);
-    the error of each job, or None. Runs in a worker: writes its rows itself."""
+@dataclass(frozen=True)
+class Target:
+    """Where decoded images go: rows of the .npy file `array` (from byte `offset`), each `shape`."""
+
+    array: str
+    offset: int
+    shape: tuple[int, int, int]
+    interpolation: str
+
+    @classmethod
+    def create(cls, array: Path, rows: int, shape: tuple[int, int, int], interpolation: str) -> Target:
+        return cls(str(array), arrays.create(array, (max(rows, 1), *shape)), shape, interpolation)
+
+    def write(self, row: int, img) -> None:
+        """Decode the PIL image `img` into row `row` (any process may write its own rows)."""
+        from pipeline.data.images import to_pixels
+
+        arrays.write_rows(self.array, self.offset, row, to_pixels(img, *self.shape, self.interpolation)[None])
+
+
+def unreadable(err: Exception) -> str:
+    return f"unreadable: {type(err).__name__}: {err}"
+
+
+def decode_rows(jobs: Sequence[tuple[int, str]], root: str, target: Target) -> list:
+    """Decode each (row, relative path) into row `row` of `target`; the error of each job, or None."""
     from PIL import Image
 
-    from pipeline.data.images import to_pixels
-
-    h, w, c = shape
     errors = []
     for row, rel in jobs:
         try:
             with Image.open(Path(root) / rel) as img:
-                # a truncated file fails here, in the full decode
-                arrays.write_rows(array, offset, row, to_pixels(img, h, w, c, interpolation)[None])
+                target.write(row, img)  # a truncated file fails here, in the full decode
             errors.append(None)
         except Exception as err:  # PIL raises many types for bad bytes; all mean "unreadable"
-            errors.append(f"unreadable: {type(err).__name__}: {err}")
+            errors.append(unreadable(err))
     return errors
 
 
-def compact(array: Path, offset: int, shape: tuple[int, ...], rows: list[int]) -> np.ndarray:
-    """Move the decoded `rows` (ascending) of the .npy file `array` to its front, in order; those rows as a
-    read-only memory map. A row is only ever moved forward, so no row is overwritten before it is read."""
-    x = np.load(array, mmap_mode="r")
+def compact(target: Target, rows: list[int]) -> np.ndarray:
+    """Move the decoded `rows` (ascending) of `target` to its front, in order; those rows as a read-only
+    memory map. A row is only ever moved forward, so no row is overwritten before it is read."""
+    x = np.load(target.array, mmap_mode="r")
     if rows != list(range(len(rows))):
         step = arrays.rows_per_chunk(x, 64)
         for i in range(0, len(rows), step):
-            arrays.write_rows(array, offset, i, arrays.take(x, rows[i : i + step]))
+            arrays.write_rows(target.array, target.offset, i, arrays.take(x, rows[i : i + step]))
     del x
-    return np.memmap(array, dtype=np.uint8, mode="r", offset=offset, shape=(len(rows), *shape))
+    return np.memmap(
+        target.array, dtype=np.uint8, mode="r", offset=target.offset, shape=(len(rows), *target.shape)
+    )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.config import DataConfig
+from pipeline.core.config import BACKBONE, DataConfig
 from pipeline.core.files import atomic_dir, file_sha256, load_json, write_json
 from pipeline.data import arrays, shards
 from pipeline.data.sources import FILE_COLUMNS, load_raw, with_feedback
@@ -146,7 +146,10 @@ def prepare(
 ) -> dict:
     """Load `cfg.source` (files under `data_root`, default `cfg.root`), with `data.use_feedback` the
     feedback shards in `feedback_root` (default `cfg.feedback`: a folder, or an s3:// prefix), split it, and
-    write the arrays, the file table and the manifest into `out_dir` in one atomic step."""
+    write the arrays, the file table and the manifest into `out_dir` in one atomic step. `backbone` sizes
+    are resolved first (pipeline.stages.prepare.fitted_to_backbone)."""
+    if BACKBONE in (cfg.image_size, cfg.interpolation):
+        raise ValueError("data.image_size / data.interpolation 'backbone' reached prepare() unresolved")
     with atomic_dir(out_dir) as tmp:
         scratch = Path(tempfile.mkdtemp(dir=tmp))
         raw = load_raw(cfg, Path(data_root or cfg.root), scratch)

@@ -172,26 +172,16 @@ def load_imagefolder(cfg: DataConfig, root: Path, scratch: Path) -> Raw:
     classes, folders = _class_dirs(root)
     if not classes:
         raise SourceError(f"no class sub-folders in {root} (expected {root}/<class>/<image files>)")
-    h, w = cfg.image_size
-    found = [(split, c_dir.name, str(p)) for split, c_dir in folders for p in _walk(c_dir)]
-    workers = decoding.workers_for(cfg.decode_workers, len(found))
-    files = decoding.run_chunks(_describe_files, found, workers, str(root))
-    c_out = cfg.channels or _majority([r["channels"] for r in files if r["channels"]], default=3)
-    array = scratch / "decoded.npy"
-    offset = arrays.create(array, (max(len(files), 1), h, w, c_out))
-    readable = [i for i, r in enumerate(files) if r["error"] is None]
-    jobs = [(row, files[i]["path"]) for row, i in enumerate(readable)]
-    errors = decoding.run_chunks(
-        decoding.decode_rows, jobs, workers, str(root), str(array), offset, (h, w, c_out), cfg.interpolation
-    )
-    kept = []
-    for (row, _), i, error in zip(jobs, readable, errors, strict=True):
-        if error is None:
-            files[i]["index"] = len(kept)
-            kept.append(row)
+    paths = [(split, c_dir.name, str(p)) for split, c_dir in folders for p in _walk(c_dir)]
+    found = [(i, *where) for i, where in enumerate(paths)]
+    with decoding.chunk_runner(decoding.workers_for(cfg.decode_workers, len(found))) as run:
+        if cfg.channels:
+            files, target, rows = _decode_in_one_pass(run, cfg, found, root, scratch)
         else:
-            files[i]["error"] = error
-    x = decoding.compact(array, offset, (h, w, c_out), kept)
+            files, target, rows = _decode_in_two_passes(run, cfg, found, root, scratch)
+    for index, i in enumerate(rows):
+        files[i]["index"] = index
+    x = decoding.compact(target, list(rows.values()))
     ok = [r for r in files if r["index"] >= 0]
     y = np.array([classes.index(r["class"]) for r in ok], dtype=np.int64)
     # train/ is a pool prepare splits val from; val/ and test/ folders pin their images.
@@ -199,13 +189,45 @@ def load_imagefolder(cfg: DataConfig, root: Path, scratch: Path) -> Raw:
     return Raw(x, y, classes, fixed, files, converted_channels=bool(cfg.channels))
 
 
-def _describe_files(found: list[tuple[str, str, str]], root: str) -> list[dict]:
-    """File rows of (split, class, path) triples: a worker's share (see pipeline.data.decoding)."""
-    return [_describe_file(Path(root), split, label, Path(path)) for split, label, path in found]
+def _decode_in_one_pass(run, cfg: DataConfig, found: list, root: Path, scratch: Path):
+    """data.channels fixes the output shape: each file is checksummed, described and decoded by one task.
+    (file rows, target, {file row: target row} for the decoded files)."""
+    target = decoding.Target.create(scratch / "decoded.npy", len(found), (*cfg.image_size, cfg.channels),
+                                    cfg.interpolation)  # fmt: skip
+    files = run(_describe_files, found, str(root), target)
+    return files, target, {i: i for i, r in enumerate(files) if r["error"] is None}
 
 
-def _describe_file(root: Path, split: str, label: str, path: Path) -> dict:
-    """Checksum and header facts of one file; reading the header is cheap, decoding comes later."""
+def _decode_in_two_passes(run, cfg: DataConfig, found: list, root: Path, scratch: Path):
+    """Channels as found: the files' headers decide them (the majority), then the readable files decode."""
+    files = run(_describe_files, found, str(root))
+    channels = _majority([r["channels"] for r in files if r["channels"]], default=3)
+    readable = [i for i, r in enumerate(files) if r["error"] is None]
+    target = decoding.Target.create(scratch / "decoded.npy", len(readable), (*cfg.image_size, channels),
+                                    cfg.interpolation)  # fmt: skip
+    jobs = [(row, files[i]["path"]) for row, i in enumerate(readable)]
+    rows = {}
+    for (row, _), i, error in zip(
+        jobs, readable, run(decoding.decode_rows, jobs, str(root), target), strict=True
+    ):
+        if error is None:
+            rows[i] = row
+        else:
+            files[i]["error"] = error
+    return files, target, rows
+
+
+def _describe_files(
+    found: list[tuple[int, str, str, str]], root: str, target: decoding.Target | None = None
+) -> list[dict]:
+    """File rows of (row, split, class, path): a worker's share (see pipeline.data.decoding); with a
+    `target`, each readable image is decoded into its row too."""
+    return [_describe_file(Path(root), split, label, Path(path), target and (row, target))
+            for row, split, label, path in found]  # fmt: skip
+
+
+def _describe_file(root: Path, split: str, label: str, path: Path, decode_to: tuple | None) -> dict:
+    """Checksum and header facts of one file, and with `decode_to` (row, target) its pixels."""
     from PIL import Image
 
     row = dict.fromkeys(FILE_COLUMNS)
@@ -218,8 +240,10 @@ def _describe_file(root: Path, split: str, label: str, path: Path) -> dict:
     try:
         with Image.open(path) as img:
             row.update(width=img.width, height=img.height, channels=channel_count(img))
+            if decode_to:
+                decode_to[1].write(decode_to[0], img)  # a truncated file fails here, in the full decode
     except Exception as err:  # not an image at all, whatever its name says
-        row["error"] = f"unreadable: {type(err).__name__}: {err}"
+        row["error"] = decoding.unreadable(err)
     return row
 
 

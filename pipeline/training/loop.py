@@ -178,7 +178,7 @@ class _Trainer:
         self.steps_per_epoch = -(-self.train_batches.n // cfg.batch_size)
         groups = _param_groups(self.model, cfg, self.pretrained)
         self.opt = _optimizer(groups, cfg)
-        # Frozen warm-up: the backbone's gradients are dropped, so a random head cannot wreck its features.
+        # Frozen warm-up: the backbone does not learn, so a random head cannot wreck its features.
         self.backbone = groups[0]["params"] if self.pretrained else []
         self.frozen = False
         self.sched = _schedule(self.opt, cfg, max(1, cfg.epochs * self.steps_per_epoch))
@@ -211,6 +211,11 @@ class _Trainer:
         """One pass over the training split, then the val split: the epoch's row of the history."""
         self.net.train()
         self.frozen = self.pretrained and epoch <= self.cfg.freeze_epochs
+        # No backward through a frozen backbone: its warm-up costs about a forward pass. DDP fixes at wrapping
+        # which parameters take gradients; there the backbone's are dropped after each backward instead.
+        if self.world_size == 1:
+            for p in self.backbone:
+                p.requires_grad_(not self.frozen)
         start = time.perf_counter()
         # Running sums stay on the device: reading them every step would stall a GPU on each batch.
         totals = torch.zeros(3, dtype=torch.float64, device=self.speed.device)  # seen, loss sum, correct

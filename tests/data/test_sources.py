@@ -146,21 +146,23 @@ def _jpeg_folder(root, n: int) -> None:
 
 
 def test_decoding_on_every_core_gives_what_one_process_gives(tmp_path):
+    """One process or two; data.channels fixed (one pass: checksum, header, pixels) or as found (two)."""
     from pipeline.data import decoding
     from pipeline.data.sources import load_imagefolder
 
     root = tmp_path / "images"
     _jpeg_folder(root, decoding.PARALLEL_FROM + 88)
-    results = []
-    for workers in (1, 2):
-        scratch = tmp_path / f"scratch{workers}"
+    results = {}
+    for workers, channels in ((1, 3), (2, 3), (2, 0)):
+        scratch = tmp_path / f"scratch{workers}{channels}"
         scratch.mkdir()
-        cfg = config("data", source="imagefolder", root=str(root), image_size=[16, 16], channels=3,
+        cfg = config("data", source="imagefolder", root=str(root), image_size=[16, 16], channels=channels,
                      decode_workers=workers)  # fmt: skip
-        results.append(load_imagefolder(cfg, root, scratch))
-    one, many = results
-    assert np.array_equal(np.asarray(one.x), np.asarray(many.x)) and np.array_equal(one.y, many.y)
-    assert one.files == many.files
+        results[workers, channels] = load_imagefolder(cfg, root, scratch)
+    one, many, found = results[1, 3], results[2, 3], results[2, 0]
+    for other in (many, found):
+        assert np.array_equal(np.asarray(one.x), np.asarray(other.x)) and np.array_equal(one.y, other.y)
+        assert one.files == other.files
     bad = [r for r in many.files if r["error"]]
     assert [r["path"] for r in bad] == ["c1/0003.jpg"] and bad[0]["error"].startswith("unreadable")
     assert len(many.y) == decoding.PARALLEL_FROM + 88  # every readable file, the big one too, in order

@@ -99,6 +99,28 @@ def _train(project, **env: str) -> dict:
     return json.loads((project / paths.TRAIN_REPORT).read_text())
 
 
+def test_image_size_and_interpolation_backbone_resize_as_the_weights_were_trained(tmp_path):
+    from pipeline.data.prepared import read_manifest
+    from pipeline.training.backbones import pretrained_config
+
+    project = make_project(tmp_path / "project")
+    _write_task(project / "data" / "raw", {"train": 3, "val": 3, "test": 3}, seed=2)
+    for key, value in {"data.source": "imagefolder", "data.image_size": "backbone", "data.channels": 3,
+                       "data.interpolation": "backbone", "train.backbone": BACKBONE}.items():  # fmt: skip
+        set_param(project, key, value)
+    out = run(["tollgate", "prepare"], cwd=project)
+    expects = pretrained_config(BACKBONE)  # 160x160, bilinear: not the 32x32 of the other tests
+    manifest = read_manifest(project / paths.PREPARED_DIR)
+    assert manifest["image_shape"] == [*expects["input_size"], 3]
+    assert manifest["interpolation"] == expects["interpolation"]
+    assert f"as {BACKBONE}'s weights expect" in out.stdout + out.stderr
+    set_param(project, "train.backbone", "small_cnn")  # trained from scratch: no size to take
+    refused = run(["tollgate", "prepare"], cwd=project, check=False)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "data.image_size and data.interpolation: backbone" in said, said
+    assert read_manifest(project / paths.PREPARED_DIR) == manifest  # the prepared data was not touched
+
+
 def test_training_starts_from_exactly_the_weights_file(project):
     from pipeline.core.config import load_params
     from pipeline.data.prepared import read_manifest
