@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.config import MonitorConfig
+from pipeline.data import arrays
 from pipeline.data.prepared import Dataset
 
 REFERENCE = "reference.npz"  # inside the model folder
@@ -90,8 +91,11 @@ class Window:
 
 def input_stats(x: np.ndarray) -> np.ndarray:
     """(n, 2): mean and standard deviation of each image's pixels, scaled to 0..1."""
-    flat = x.reshape(len(x), -1).astype(np.float32) / 255.0
-    return np.stack([flat.mean(axis=1), flat.std(axis=1)], axis=1)
+    stats = [np.zeros((0, 2), dtype=np.float32)]
+    for _, part in arrays.blocks(x, 16):  # a float copy of 2,000 photos would be 1.2 GB
+        flat = part.reshape(len(part), -1).astype(np.float32) / 255.0
+        stats.append(np.stack([flat.mean(axis=1), flat.std(axis=1)], axis=1))
+    return np.concatenate(stats)
 
 
 def build_reference(
@@ -130,7 +134,7 @@ def reference_for(model, train: Dataset, val: Dataset, seed: int, samples: int, 
     source = val if len(val.y) >= 10 else train
     n = min(len(source.y), samples)
     idx = np.sort(np.random.default_rng(seed).choice(len(source.y), n, replace=False))
-    x = np.asarray(source.x[idx])
+    x = arrays.take(source.x, idx)
     probs, emb = predict_with_embeddings(model.cpu().eval(), x)
     return build_reference(probs.numpy(), emb.numpy(), x, len(source.classes), components, source.y[idx])
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.core.files import load_json, write_json
+from pipeline.data import arrays
 from pipeline.data.images import interpolation_of
 from pipeline.training import backbones
 
@@ -91,15 +92,18 @@ def load(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Cla
 
 @torch.inference_mode()
 def predict_proba(model: Classifier, pixels, batch_size: int = 1024) -> torch.Tensor:
-    """Class probabilities for uint8/float NHWC pixels (array or tensor), batched to bound memory."""
+    """Class probabilities for uint8/float NHWC pixels (array, memory map or tensor), batched to bound
+    memory: at most `batch_size` images and about 16 MB of pixels a pass (1024 photos at 224x224 would
+    hold gigabytes of activations)."""
     device = next(model.parameters()).device
-    x = pixels if isinstance(pixels, torch.Tensor) else torch.tensor(pixels)  # copies read-only mmaps
-    return torch.cat(
-        [
-            torch.softmax(model(x[i : i + batch_size].to(device)), dim=1).cpu()
-            for i in range(0, len(x), batch_size)
-        ]
-    )
+    step = min(batch_size, arrays.rows_per_chunk(pixels, 16))
+    out = []
+    for i in range(0, len(pixels), step):
+        rows = range(i, min(i + step, len(pixels)))
+        tensor = isinstance(pixels, torch.Tensor)
+        part = pixels[i : rows.stop] if tensor else torch.from_numpy(arrays.take(pixels, rows))
+        out.append(torch.softmax(model(part.to(device)), dim=1).cpu())
+    return torch.cat(out)
 
 
 @torch.inference_mode()
