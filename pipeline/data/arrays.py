@@ -38,9 +38,9 @@ def take(x: np.ndarray, rows: np.ndarray | range) -> np.ndarray:
     out = np.empty((len(rows), *x.shape[1:]), dtype=x.dtype)
     row_bytes = out[:1].nbytes
     buffer = memoryview(out.reshape(-1).view(np.uint8))
-    starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)
     if not len(rows):
         return out
+    starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # where each run of consecutive rows begins
     with open(x.filename, "rb", buffering=0) as f:
         for first, end in zip(starts, [*starts[1:], len(rows)], strict=True):
             part = buffer[first * row_bytes : end * row_bytes]

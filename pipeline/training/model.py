@@ -97,10 +97,10 @@ def predict_proba(model: Classifier, pixels, batch_size: int = 1024) -> torch.Te
     hold gigabytes of activations)."""
     device = next(model.parameters()).device
     step = min(batch_size, arrays.rows_per_chunk(pixels, 16))
+    tensor = isinstance(pixels, torch.Tensor)
     out = []
     for i in range(0, len(pixels), step):
         rows = range(i, min(i + step, len(pixels)))
-        tensor = isinstance(pixels, torch.Tensor)
         part = pixels[i : rows.stop] if tensor else torch.from_numpy(arrays.take(pixels, rows))
         out.append(torch.softmax(model(part.to(device)), dim=1).cpu())
     return torch.cat(out)
