@@ -188,8 +188,33 @@ class ServeConfig(_Section):
 Target = Literal["local", "mlflow", "kserve", "torchserve"]  # pipeline/release/targets has one of each
 
 
+class CanaryConfig(_Section):
+    """promote.strategy canary: the steps of a rollout and what its analysis accepts (pipeline/evaluation/
+    canary.py)."""
+
+    steps: Annotated[list[Annotated[float, Field(gt=0.0, le=100.0)]], Field(min_length=1)]
+    min_requests: int = Field(ge=1)
+    min_s: float = Field(ge=0.0)
+    max_s: float = Field(gt=0.0)
+    max_error_rate: float = Field(ge=0.0, le=1.0)
+    max_p99_ms: float = Field(gt=0.0)
+    rank_effect: float = Field(ge=0.0, lt=0.5)
+    min_labels: int = Field(ge=1)
+    alpha: float = Field(gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _steps_rise_to_all(self) -> CanaryConfig:
+        if self.steps != sorted(set(self.steps)) or self.steps[-1] != 100.0:
+            raise ValueError("steps: rising percentages that end at 100 (e.g. [5, 25, 50, 100])")
+        if self.max_s < self.min_s:
+            raise ValueError("max_s: must be at least min_s")
+        return self
+
+
 class PromoteConfig(_Section):
     target: Target
+    strategy: Literal["direct", "canary"]
+    canary: CanaryConfig
     smoke_images: int = Field(ge=1)
     timeout_s: float = Field(gt=0.0)
     replicas: list[str]
