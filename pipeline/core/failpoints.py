@@ -6,7 +6,9 @@ stops itself (SIGSTOP) instead, for the test to break something around it (a ser
 on with SIGCONT. With <name>:pause it writes `paused-<pid>` into the folder TOLLGATE_FAILPOINT_DIR and
 waits, threads still running, until a file `go` appears there: a test can line several processes up at
 one point, or kill one while it holds something. With <name>:raise the point raises FailpointError, as an
-error at that point would; with <name>:sleep=<seconds> it sleeps that long, as a slow dependency would.
+error at that point would, and with <name>:raise=<fraction> it raises on that share of reaches (every
+round(1/fraction)-th, as a flaky dependency would); with <name>:sleep=<seconds> it sleeps that long, as
+a slow dependency would.
 Unset (always, outside tests), a point costs one dictionary lookup.
 """
 
@@ -22,6 +24,9 @@ class FailpointError(RuntimeError):
     pass
 
 
+_reached: dict[str, int] = {}
+
+
 def reach(name: str) -> None:
     wanted = os.environ.get("TOLLGATE_FAILPOINT")
     if wanted is None or not wanted.startswith(name):
@@ -32,6 +37,10 @@ def reach(name: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     elif wanted == f"{name}:raise":
         raise FailpointError(f"failpoint {name}")
+    elif wanted.startswith(f"{name}:raise="):
+        _reached[name] = count = _reached.get(name, 0) + 1
+        if count % max(1, round(1 / float(wanted.partition("=")[2]))) == 0:
+            raise FailpointError(f"failpoint {name} (reach {count})")
     elif wanted.startswith(f"{name}:sleep="):
         time.sleep(float(wanted.partition("=")[2]))
     elif wanted == f"{name}:pause":

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS = "previous"
+CANARY = "canary"  # a candidate taking a share of live requests in a rollout (pipeline/release/rollout.py)
+# On the registered model: the share of requests (percent) servers send to @canary. In the registry, so
+# replicas on any machine read the same weight as they read the alias, without being told.
+CANARY_WEIGHT = "tollgate.canary.weight"
 
 
 def model_uri(name: str, version: str) -> str:
@@ -145,6 +149,32 @@ class Store:
             return
         with contextlib.suppress(MlflowException):
             self.client.delete_model_version_tag(name, version, key)
+
+    def model_tags(self, name: str) -> dict[str, str]:
+        """The registered model's own tags (empty when the model does not exist yet)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return dict(self.client.get_registered_model(name).tags)
+        except MlflowException:
+            return {}
+
+    def tag_model(self, name: str, key: str, value: str | None) -> None:
+        """Set a registered model's tag, or remove it when `value` is None (already absent is fine)."""
+        from mlflow.exceptions import MlflowException
+
+        if value is not None:
+            self.client.set_registered_model_tag(name, key, value)
+            return
+        with contextlib.suppress(MlflowException):
+            self.client.delete_registered_model_tag(name, key)
+
+    def canary_weight(self, name: str) -> float:
+        """The share of requests (percent) for @canary now; 0 when unset or unreadable as a number."""
+        try:
+            return float(self.model_tags(name).get(CANARY_WEIGHT, 0))
+        except ValueError:
+            return 0.0
 
     def tag_run(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)

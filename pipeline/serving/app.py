@@ -25,10 +25,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pipeline.core.config import Params
-from pipeline.registry.store import CHALLENGER, CHAMPION, Store
+from pipeline.registry.store import CANARY, CHALLENGER, CHAMPION, Store
 from pipeline.serving.batching import Batcher, ModelSlot, NoModel
 from pipeline.serving.context import ServerContext
-from pipeline.serving.follow import follow
+from pipeline.serving.follow import follow, sync_canary
 from pipeline.serving.prometheus import Measure, Metrics
 from pipeline.serving.protocols import Refused, error_body
 from pipeline.serving.routes import admin, feedback, images, oip, scoring
@@ -53,6 +53,7 @@ def _context(
         root=root,
         follows=slot.model_uri is None and cfg.follow_interval_s > 0,
         followed=followed,
+        canary=ModelSlot(slot.store, slot.name, alias=CANARY) if slot.model_uri is None else None,
     )
 
 
@@ -115,14 +116,18 @@ def create_app(
     `serve.shadow` runs @challenger in shadow. The API's own reference pages (/docs, /redoc,
     /openapi.json) are served only with `serve.api_docs`: they list the admin routes to anyone who asks."""
     ctx = _context(params, slot, token, root, feedback_token)
+    if ctx.canary is not None and slot.current is not None:
+        try:  # a rollout in progress: its canary from the first request on, as on every other replica
+            sync_canary(ctx)
+        except Exception as err:  # noqa: BLE001 - the champion serves alone until the next check
+            print(f"[tollgate] cannot load @canary: {type(err).__name__}: {err}", flush=True)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         ctx.batcher = Batcher(params.serve, ctx.metrics)
         tasks = [asyncio.create_task(ctx.batcher.run())]
         if ctx.follows:
-            interval = params.serve.follow_interval_s
-            tasks.append(asyncio.create_task(follow(slot, ctx.metrics, interval, ctx.followed)))
+            tasks.append(asyncio.create_task(follow(ctx)))
         _start_workers(ctx)
         yield
         for task in tasks:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -73,6 +74,11 @@ class ModelSlot:
             self.current = Served(version, model, meta, reference)
             return self.current
 
+    def clear(self) -> None:
+        """Serve nothing from this slot (the alias it follows was removed)."""
+        with self._reload_lock:
+            self.current = None
+
 
 class Batcher:
     """Runs queued requests through the model together, one forward pass at a time, off the event loop."""
@@ -84,11 +90,14 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="forward")
 
-    async def predict(self, served: Served, x: np.ndarray, embeddings: bool = False):
-        """Probabilities for `x`; with `embeddings`, (probabilities, penultimate-layer outputs)."""
+    async def predict(self, served: Served, x: np.ndarray, embeddings: bool = False, timing=None):
+        """Probabilities for `x`; with `embeddings`, (probabilities, penultimate-layer outputs). `timing`
+        gets `others_s`: how long the request waited for another model's group in its batch."""
         fut = asyncio.get_running_loop().create_future()
         await self.queue.put((served, x, fut, embeddings))
-        probs, emb = await fut
+        probs, emb, waited = await fut
+        if timing is not None:
+            timing["others_s"] = waited
         return (probs, emb) if embeddings else probs
 
     def _drain(self, items: list, size: int) -> int:
@@ -116,11 +125,15 @@ class Batcher:
         groups: dict[int, list] = {}
         for item in items:
             groups.setdefault(id(item[0]), []).append(item)
+        # With a canary beside the champion, a group also waits for the other model's forward pass before
+        # it: each request is told how long (`others`), so a rollout compares the models, not their order.
+        others = 0.0
         for group in groups.values():
             served = group[0][0]
             x = np.concatenate([i[1] for i in group])
             # Embeddings come from the same pass (a hook on the last layer) when a sampled request wants them.
             wanted = any(i[3] for i in group)
+            began = time.perf_counter()
             try:
                 probs, emb = await loop.run_in_executor(self.worker, _forward, served.model, x, wanted)
             except Exception as err:  # noqa: BLE001 - hand the failure to every waiting request
@@ -128,11 +141,13 @@ class Batcher:
                     if not fut.done():
                         fut.set_exception(err)
                 continue
+            finally:
+                waited, others = others, others + time.perf_counter() - began
             start = 0
             for _, xi, fut, want in group:
                 if not fut.done():
                     end = start + len(xi)
-                    fut.set_result((probs[start:end], emb[start:end] if want else None))
+                    fut.set_result((probs[start:end], emb[start:end] if want else None, waited))
                 start += len(xi)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+LATENCY_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
 
 class Metrics:
     """In a registry of its own: several servers may share a process in tests."""
@@ -20,7 +22,7 @@ class Metrics:
             "Request latency",
             ["endpoint"],
             registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            buckets=LATENCY_S,
         )
         self.batch = Histogram(
             "tollgate_batch_size",
@@ -83,7 +85,7 @@ class Metrics:
             "tollgate_shadow_latency_seconds",
             "Challenger forward pass per request, off the request path",
             registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            buckets=LATENCY_S,
         )
         self.shadow_version = Gauge(
             "tollgate_shadow_version",
@@ -91,6 +93,44 @@ class Metrics:
             ["model", "version"],
             registry=self.registry,
         )
+        # Split by variant (champion, canary) only while a canary is loaded: the rollout's figures.
+        self.variant_requests = Counter(
+            "tollgate_variant_requests",
+            "Predictions by variant, version and outcome (ok, error) while a canary is loaded",
+            ["variant", "version", "outcome"],
+            registry=self.registry,
+        )
+        self.variant_latency = Histogram(
+            "tollgate_variant_latency_seconds",
+            "Queueing and forward pass per prediction, by variant",
+            ["variant"],
+            registry=self.registry,
+            buckets=LATENCY_S,
+        )
+        self.variant_confidence = Histogram(
+            "tollgate_variant_confidence",
+            "Top-class probability of the first image of each prediction, by variant",
+            ["variant"],
+            registry=self.registry,
+            buckets=(0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99, 1.0),
+        )
+        self.variant_samples = Counter(
+            "tollgate_variant_live_samples",
+            "Sampled requests by variant",
+            ["variant"],
+            registry=self.registry,
+        )
+        self.canary = Gauge(
+            "tollgate_canary_weight_percent",
+            "Share of requests routed to @canary, by its version (absent: no canary)",
+            ["model", "version"],
+            registry=self.registry,
+        )
+
+    def canary_served(self, name: str, version: str | None, weight: float) -> None:
+        self.canary.clear()
+        if version is not None:
+            self.canary.labels(name, version).set(weight)
 
     def served(self, name: str, version: str) -> None:
         self.version.clear()

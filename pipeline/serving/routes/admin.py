@@ -1,4 +1,5 @@
-"""Operations: Prometheus `GET /metrics`, and the token-protected `POST /admin/reload` promotion calls."""
+"""Operations: Prometheus `GET /metrics`, the token-protected `POST /admin/reload` promotion calls, and
+`GET /admin/canary/window?since=<unix time>`, the answers of both variants a rollout's analysis reads."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from fastapi import APIRouter, Request, Response
 
 from pipeline.serving.batching import NoModel
 from pipeline.serving.context import authorized, context_of
+from pipeline.serving.follow import reload_all
 from pipeline.serving.protocols import Refused
 
 router = APIRouter()
@@ -24,8 +26,21 @@ def reload(request: Request) -> dict:
     if not authorized(request.headers.get("authorization", ""), ctx.token):
         raise Refused(401, "reload needs the admin token (Authorization: Bearer <token>)")
     try:
-        served = ctx.slot.reload()
+        served = reload_all(ctx)
     except NoModel as err:
         raise Refused(409, str(err)) from None
-    ctx.metrics.served(ctx.name, served.version)
-    return {"version": served.version}
+    canary = ctx.canary_now()
+    return {"version": served.version, "canary": canary.version if canary else None}
+
+
+@router.get("/admin/canary/window")
+def canary_window(request: Request, since: float = 0.0) -> dict:
+    """Every answer kept since `since`, by variant, with its labels: figures a dashboard may show too (no
+    inputs, no token, like /metrics)."""
+    ctx = context_of(request)
+    canary = ctx.canary_now()
+    return {
+        "canary": canary.version if canary else None,
+        "weight": ctx.canary_weight if canary else 0.0,
+        "rows": ctx.recent.since(since),
+    }

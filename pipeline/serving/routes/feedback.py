@@ -53,6 +53,7 @@ async def _take(ctx: ServerContext, request: Request) -> dict:
             f"{bound:g}: train on it (data.use_feedback) and archive it, or raise the bound",
         )
     name = await loop.run_in_executor(None, save_feedback, folder, label, rid, item, x[item])
+    ctx.recent.label(rid, item, label)  # a canary rollout judges both variants on these
     return {"stored": f"{ctx.params.data.feedback}/{name}", "label": label, "served_version": version}
 
 

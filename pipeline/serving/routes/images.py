@@ -26,12 +26,12 @@ async def predict(request: Request, response: Response, top_k: int = 3) -> dict:
     body = await ctx.body_of(request)  # counted on the raw stream, multipart included
     if kind == "multipart/form-data":
         body = await protocols.file_from_multipart(request.headers, body)
-    served = ctx.served_now()
+    rid = request_id(request.headers)
+    served, variant = ctx.served_for(request.headers, rid)
     x = await asyncio.get_running_loop().run_in_executor(
         None, protocols.pixels_from_image, body, served.meta, ctx.params.serve.max_image_pixels
     )
-    rid = request_id(request.headers)
-    probs = (await ctx.predicted(served, x, rid))[0]
+    probs = (await ctx.predicted(served, x, rid, variant))[0]
     k = max(1, min(top_k, len(probs)))
     idx = np.argsort(-probs)[:k]
     classes = served.meta["classes"]

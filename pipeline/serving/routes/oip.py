@@ -32,7 +32,8 @@ async def server_metadata() -> dict:
 
 async def metadata(request: Request, model_name: str, model_version: str | None = None) -> dict:
     ctx = context_of(request)
-    served = ctx.model_named(model_name, model_version)
+    served, _ = ctx.model_named(model_name, model_version)
+    canary = ctx.canary_now()
     h, w, c = served.meta["input_shape"]
     return {
         "name": ctx.name,
@@ -41,7 +42,10 @@ async def metadata(request: Request, model_name: str, model_version: str | None 
         "inputs": [{"name": oip.INPUT, "datatype": "FP32", "shape": [-1, h, w, c]}],
         "outputs": [{"name": oip.OUTPUT, "datatype": "FP32", "shape": [-1, len(served.meta["classes"])]}],
         "classes": served.meta["classes"],
-        "parameters": {"follows": ctx.followed if ctx.follows else None},
+        "parameters": {
+            "follows": ctx.followed if ctx.follows else None,
+            "canary": {"version": canary.version, "weight": ctx.canary_weight} if canary else None,
+        },
     }
 
 
@@ -58,10 +62,10 @@ def _parse(ctx: ServerContext, headers, body: bytes, shape: list[int]) -> oip.In
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
     ctx = context_of(request)
     body = await ctx.body_of(request)
-    served = ctx.model_named(model_name, model_version)
-    wanted = await off_loop(body, _parse, ctx, request.headers, body, served.meta["input_shape"])
     rid = request_id(request.headers)
-    probs = await ctx.predicted(served, wanted.x, rid)
+    served, variant = ctx.model_named(model_name, model_version, request.headers, rid)
+    wanted = await off_loop(body, _parse, ctx, request.headers, body, served.meta["input_shape"])
+    probs = await ctx.predicted(served, wanted.x, rid, variant)
     content, headers = oip.infer_response(ctx.name, served.version, probs, rid, wanted)
     return Response(content, headers=headers)
 

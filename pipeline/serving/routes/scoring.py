@@ -52,9 +52,9 @@ def _pixels(ctx: ServerContext, headers, body: bytes, shape: list[int]):
 
 async def score(ctx: ServerContext, headers, body: bytes, rid: str) -> dict:
     """{"inputs" | "instances": pixels} -> {"predictions": probabilities}."""
-    served = ctx.served_now()
+    served, variant = ctx.served_for(headers, rid)
     x = await off_loop(body, _pixels, ctx, headers, body, served.meta["input_shape"])
-    probs = await ctx.predicted(served, x, rid)
+    probs = await ctx.predicted(served, x, rid, variant)
     return {"predictions": probs.tolist(), "version": served.version, "request_id": rid}
 
 
