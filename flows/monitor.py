@@ -31,7 +31,7 @@ def drift_check(root: str = "."):
         return Completed(message=f"{shift}: {report['retrain_reason']}; not retraining")
     from prefect.deployments import run_deployment
 
-    from flows.pipeline import notify
+    from pipeline.core.notify import notify
 
     why = report["retrain_reason"]
     # timeout=0: start it and return; the retraining run has its own lock, timeouts and notifications.

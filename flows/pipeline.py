@@ -25,6 +25,7 @@ from prefect.tasks import exponential_backoff
 from pipeline.core import paths
 from pipeline.core.config import STAGES, FlowConfig, load_params
 from pipeline.core.files import read_report, write_bytes
+from pipeline.core.notify import notify
 from pipeline.evaluation.verdict import Verdict
 from pipeline.release.results import Promotion, Registration
 
@@ -164,30 +165,6 @@ def set_params(root: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-def notify(cfg: FlowConfig, text: str) -> None:
-    """Tell people a run needs attention: a webhook (`flow.notify_url`), a Prefect notification block
-    (`flow.notify_block`), both or neither. A notification that cannot be sent is logged, never fatal."""
-    from prefect.logging import get_run_logger
-
-    logger = get_run_logger()
-    if cfg.notify_url:
-        import urllib.request
-
-        body = json.dumps({"text": text}).encode()
-        req = urllib.request.Request(cfg.notify_url, body, {"Content-Type": "application/json"})
-        try:
-            urllib.request.urlopen(req, timeout=10).close()
-        except OSError as err:
-            logger.warning(f"notification to {cfg.notify_url} failed: {err}")
-    if cfg.notify_block:
-        from prefect.blocks.core import Block
-
-        try:
-            Block.load(cfg.notify_block).notify(text, subject="tollgate")
-        except Exception as err:  # a missing or misconfigured block must not hide the run's own outcome
-            logger.warning(f"notification through block {cfg.notify_block} failed: {err}")
-
-
 def _link_mlflow(root: Path) -> None:
     """The registered version and its MLflow run, as a link when the tracking server has a web UI."""
     from prefect.artifacts import create_link_artifact
@@ -199,6 +176,20 @@ def _link_mlflow(root: Path) -> None:
             key="mlflow-run",
             link=f"{uri.rstrip('/')}/#/models/{reg.name}/versions/{reg.version}",
             link_text=f"{reg.name} v{reg.version} (run {reg.run_id})",
+        )
+
+
+def _announce_registration(root: Path) -> None:
+    """A `tollgate.model.registered` event for a new version: what the canary-rollout deployment's trigger
+    (prefect.yaml) waits for."""
+    from prefect.events import emit_event
+
+    reg = Registration.read(root / paths.REGISTRATION)
+    if reg and reg.registered and not reg.experiment:
+        emit_event(
+            event="tollgate.model.registered",
+            resource={"prefect.resource.id": f"tollgate.model.{reg.name}"},
+            payload={"version": reg.version, "run_id": reg.run_id},
         )
 
 
@@ -279,6 +270,7 @@ def _run_stages(root: Path, force: bool, cfg: FlowConfig, ran: list[str]):
             return Failed(message=str(err))
     if "register" in ran:
         _link_mlflow(root)
+        _announce_registration(root)
     verdict = outcome(root)
     message = verdict if ran else f"up to date, no stage ran (last outcome: {verdict})"
     print(f"stages run: {', '.join(ran) or 'none'}; {message}")

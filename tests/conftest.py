@@ -26,6 +26,7 @@ TWO_VERSIONS = {
     "test_torchserve",
     "test_clients",
     "test_readme",
+    "test_canary",
 }
 
 

@@ -138,6 +138,13 @@ def http(
         return err.code, json.loads(err.read() or b"null")
 
 
+def http_text(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read().decode()
+
+
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     """Return once `url` answers 2xx; fail if `proc` exits first or time runs out."""
     import time

@@ -23,8 +23,16 @@ def _parser() -> argparse.ArgumentParser:
     stages["promote"].add_argument(
         "--version",
         help="instead of the stage: make this registered version @champion on purpose (a DVC experiment's, "
-        "say), verified like any promotion; reports/promotion.json is left to the stage",
+        "say), verified like any promotion (a canary rollout under promote.strategy: canary); "
+        "reports/promotion.json is left to the stage",
     )
+    stages["promote"].add_argument(
+        "--resume",
+        action="store_true",
+        help="take over a canary rollout whose promoting process died, and finish it (or roll it back)",
+    )
+    ca = sub.add_parser("canary", help="the canary rollout in progress: its step and the live analysis")
+    ca.add_argument("action", choices=["status"])
     add_arguments(sub.add_parser("serve", help="HTTP inference server on models:/<name>@champion"))
     rb = sub.add_parser("rollback", help="make an earlier version @champion again, verified like a promotion")
     rb.add_argument("--to", help="version to restore (default: the one behind @previous)")
@@ -58,12 +66,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args, params: Params, root: Path) -> int:
-    from pipeline.release.promote import server_startup
+    from pipeline.release.rollout import startup
     from pipeline.serving.app import serve
 
-    serve(
-        params, root, args.host, args.port, args.model_uri, lambda store: server_startup(store, params, root)
-    )
+    serve(params, root, args.host, args.port, args.model_uri, lambda store: startup(store, params, root))
+    return 0
+
+
+def _canary(args, params: Params, root: Path) -> int:
+    from pipeline.registry.store import connect
+    from pipeline.release.rollout import status
+
+    print(status(connect(params, root), params, root))
     return 0
 
 
@@ -173,13 +187,28 @@ def _stack(args, params: Params, root: Path) -> int:
     return 0
 
 
-def _stage(args, params: Params, root: Path) -> int:
-    if args.command == "promote" and args.version:
-        from pipeline.registry.store import connect
-        from pipeline.release.promote import promote_version
+def _promote(args, params: Params, root: Path) -> int:
+    """`tollgate promote --version N` or `--resume`: outside the stage, reports/promotion.json too."""
+    from pipeline.core import paths
+    from pipeline.registry.store import connect
+    from pipeline.release.promote import PromotionError, promote_version
+    from pipeline.release.rollout import release_for, resume
 
-        print(promote_version(connect(params, root), params, root, args.version).summary)
-        return 0
+    store = connect(params, root)
+    if args.resume:
+        result = resume(store, params, root)
+        result.write(root / paths.PROMOTION)
+    else:
+        result = promote_version(store, params, root, args.version, release_for(params))
+    if not result.promoted:
+        raise PromotionError(result.line())
+    print(result.summary)
+    return 0
+
+
+def _stage(args, params: Params, root: Path) -> int:
+    if args.command == "promote" and (args.version or args.resume):
+        return _promote(args, params, root)
     from pipeline import stages
 
     stages.run(args.command, params, root)
@@ -189,6 +218,7 @@ def _stage(args, params: Params, root: Path) -> int:
 COMMANDS = {
     **dict.fromkeys(STAGES, _stage),
     "serve": _serve,
+    "canary": _canary,
     "rollback": _rollback,
     "deploy": _deploy,
     "summary": _summary,

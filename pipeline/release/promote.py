@@ -351,9 +351,17 @@ def _check_clean(params: Params, tags: dict[str, str], version: str) -> None:
         )
 
 
-def promote(store: Store, params: Params, root: Path, version: str, gated_against=UNCHECKED) -> Promotion:
-    """What the promote stage does for the version register just made: `_release` (fenced by the champion
-    its gate compared against), unless that version was rolled back on purpose."""
+def direct(store: Store, params: Params, root: Path, version: str, gated_against=UNCHECKED) -> Promotion:
+    """`promote.strategy: direct`: the whole of traffic moves to `version` at once, verified."""
+    return _release(store, params, root, version, gated_against, rollback=False)
+
+
+def promote(
+    store: Store, params: Params, root: Path, version: str, gated_against=UNCHECKED, release=direct
+) -> Promotion:
+    """What the promote stage does for the version register just made: `release` it (fenced by the
+    champion its gate compared against: `direct`, or a canary rollout), unless that version was rolled
+    back on purpose."""
     name = params.registry.model_name
     tags = _tags(store, params, version)
     mark = tags.get(ROLLED_BACK)
@@ -366,10 +374,10 @@ def promote(store: Store, params: Params, root: Path, version: str, gated_agains
             f"To make it champion on purpose: tollgate rollback --to {version}",
         )
     _check_clean(params, tags, version)
-    return _release(store, params, root, version, gated_against, rollback=False)
+    return release(store, params, root, version, gated_against)
 
 
-def promote_version(store: Store, params: Params, root: Path, version: str) -> Promotion:
+def promote_version(store: Store, params: Params, root: Path, version: str, release=direct) -> Promotion:
     """`tollgate promote --version N`: make a registered version champion on purpose (a DVC experiment's
     candidate, say), verified on every server and target like any promotion. Its gate must have passed; a
     rolled-back mark on it is cleared, since it is chosen now."""
@@ -379,8 +387,9 @@ def promote_version(store: Store, params: Params, root: Path, version: str) -> P
             f"v{version} has no passing gate (gate: {tags.get('gate', 'none')}); nothing moved"
         )
     _check_clean(params, tags, version)
-    result = _release(store, params, root, version, UNCHECKED, rollback=False)
-    store.tag_version(params.registry.model_name, version, ROLLED_BACK, None)
+    result = release(store, params, root, version, UNCHECKED)
+    if result.promoted:
+        store.tag_version(params.registry.model_name, version, ROLLED_BACK, None)
     return result
 
 

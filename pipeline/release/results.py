@@ -39,6 +39,7 @@ class Promotion(Report):
     fenced: dict | None = None  # {"gated_against", "champion"} when the gate compared with another champion
     shadow: dict | None = None  # the shadow report the online gate judged
     experiment: str | None = None  # a DVC experiment's candidate: never promoted by the pipeline
+    canary: dict | None = None  # a canary rollout: its steps, each with its analysis, and how it ended
 
     def line(self) -> str:
         return self.summary if self.promoted else (self.reason or "not promoted")

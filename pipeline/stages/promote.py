@@ -17,6 +17,7 @@ from pipeline.monitoring.shadow_report import shadow_summary
 from pipeline.registry.store import connect
 from pipeline.release.promote import Fenced, PromotionError, promote
 from pipeline.release.results import Promotion, Registration
+from pipeline.release.rollout import release_for
 from pipeline.stages import StageFailed, log, work
 
 
@@ -36,12 +37,15 @@ def _promote(params: Params, root: Path, version: str) -> Promotion:
     gated_against = Verdict.load(root / paths.GATE_REPORT).champion_version
     try:
         with work():
-            return promote(connect(params, root), params, root, version, gated_against)
+            result = promote(connect(params, root), params, root, version, gated_against, release_for(params))
     except Fenced as err:
         fenced = {"gated_against": err.gated, "champion": err.now}
         _refuse(root, Promotion(promoted=False, reason=str(err), fenced=fenced))
     except PromotionError as err:
         _refuse(root, Promotion(promoted=False, reason=str(err)))
+    if result.canary is not None and not result.promoted:  # rolled back on live traffic: the stage fails
+        _refuse(root, result)
+    return result
 
 
 def run(params: Params, root: Path) -> dict:

@@ -144,6 +144,7 @@ WHERE_NOT_WHAT = {
     "registry.guard_lease_s",
     "serve.follow_interval_s",
     "promote.replicas",
+    "flow",  # promote reads only who to notify of a rolled-back canary
 }
 ALIASES = {"validate_": "validate"}
 

@@ -274,7 +274,12 @@ def test_prefect_yaml_deployments_get_their_cron_schedules(prefect_server, flow_
     spec = yaml.safe_load((flow_project / "prefect.yaml").read_text())
     with get_client(sync_client=True) as client:
         for d in spec["deployments"]:
-            flow_name = {"training_pipeline": "training-pipeline", "drift_check": "drift-check"}.get(
+            named = {
+                "training_pipeline": "training-pipeline",
+                "drift_check": "drift-check",
+                "canary_rollout": "canary-rollout",
+            }
+            flow_name = named.get(
                 d["entrypoint"].split(":")[1], d["entrypoint"].split(":")[1].removesuffix("_flow")
             )
             got = client.read_deployment_by_name(f"{flow_name}/{d['name']}")

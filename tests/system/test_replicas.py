@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.core import paths
 from pipeline.data.prepared import load_split
-from tests.support import Server, http, model_client, run, set_param
+from tests.support import Server, http, http_text, model_client, run, set_param
 
 pytestmark = pytest.mark.slow
 NAME = "tollgate-classifier"
@@ -112,10 +112,3 @@ def test_replicas_follow_a_promotion_without_a_failed_request_and_roll_back_toge
     finally:
         for r in replicas:
             r.stop()
-
-
-def http_text(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return resp.read().decode()
