@@ -47,7 +47,7 @@ def main() -> None:
         set_param(project, "serve.follow_interval_s", 0.5)
         client = model_client(project)
         champion = client.get_model_version_by_alias(NAME, "champion")
-        twin = client.create_model_version(NAME, champion.source, champion.run_id).version  # same weights
+        twin = client.copy_model_version(f"models:/{NAME}/{champion.version}", NAME).version  # same weights
         script, _ = scoring_script(project, Path(tmp))
         server = Server(project)
         results: dict[str, list[float]] = {"no canary": [], "canary at 0 %": [], "canary at 5 %": []}
