@@ -98,8 +98,9 @@ class ServerContext:
     async def predicted(self, served: Served, x: np.ndarray, rid: str, variant: str = CHAMPION) -> np.ndarray:
         """The batcher's probabilities; a sampled request also hands its input, outputs and embeddings to
         the sampler (and the shadow challenger), neither of which it waits for. While a canary is loaded,
-        each answer of either variant is kept for the rollout's analysis and counted by variant."""
-        if self.canary_now() is None:
+        each answer of either variant is kept for the rollout's analysis and counted by variant (from weight
+        > 0 on: at 0 the rollout only waits for servers to load the canary, so it costs nothing)."""
+        if self.canary_weight <= 0 or self.canary_now() is None:  # weight 0: nothing to compare yet
             return await self._predicted(served, x, rid)
         start, timing = time.perf_counter(), {}
         try:
@@ -119,7 +120,7 @@ class ServerContext:
             return await self.batcher.predict(served, x, timing=timing)
         probs, emb = await self.batcher.predict(served, x, embeddings=True, timing=timing)
         sampler.offer(rid, served, x, probs, emb)
-        if self.canary_now() is not None:
+        if timing is not None:  # the canary path: samples are counted by variant
             self.metrics.variant_samples.labels(variant).inc()
         if "shadow" in self.workers:
             self.workers["shadow"].offer(rid, served, x, probs)
