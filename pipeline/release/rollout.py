@@ -260,10 +260,10 @@ def begin(store: Store, params: Params, root: Path, version: str, gated_against=
 
 
 def _clear(store: Store, name: str) -> None:
-    store.tag_model(name, CANARY_WEIGHT, "0")
+    """Weight first (no tag reads as 0), then the alias, then the state that owned them."""
+    store.tag_model(name, CANARY_WEIGHT, None)
     store.point(name, CANARY, None)
     store.tag_model(name, STATE, None)
-    store.tag_model(name, CANARY_WEIGHT, None)
 
 
 def _report(rollout: Rollout, steps: list[Step], outcome: str) -> dict:
