@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.core import paths
+from pipeline.evaluation.verdict import Verdict
 from tests.support import Server, http, model_client, run, set_param
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,9 @@ def test_cold_run_registers_and_promotes_version_1_with_lineage(cold_project, pr
     assert mv.tags["data_version"] == manifest["data_version"]
     assert mv.tags["git_commit"] == commit
     assert mv.tags["device"] == "cpu"
-    assert mv.tags["gate"] == "passed"  # a short tag; the table is in the description
+    # a short tag; the table is in the description. The latency check only warns, and may on a busy machine
+    verdict = Verdict.load(project / paths.GATE_REPORT)
+    assert verdict.passed and mv.tags["gate"] == verdict.summary()
     for check in (
         "accuracy",
         "macro_f1",

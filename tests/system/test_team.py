@@ -22,6 +22,7 @@ import pytest
 
 from pipeline.core import paths
 from pipeline.core.config import load_params
+from pipeline.evaluation.verdict import Verdict
 from pipeline.stack.services import S3_KEY, S3_SECRET, SERVICES, Stack
 from tests.support import (
     Server,
@@ -137,7 +138,9 @@ def test_the_pipeline_runs_on_shared_services_and_the_registry_reads_back_over_r
     )
     tags = {t["key"]: t["value"] for t in version["tags"]}
     manifest = json.loads((a / paths.PREPARED_DIR / "manifest.json").read_text())
-    assert tags["data_version"] == manifest["data_version"] and tags["gate"] == "passed"
+    verdict = Verdict.load(a / paths.GATE_REPORT)  # latency only warns, and may on a busy machine
+    assert tags["data_version"] == manifest["data_version"] and tags["gate"] == verdict.summary()
+    assert verdict.passed
     mlflow_run = _api(stack, "runs/get", run_id=version["run_id"])["run"]
     metrics = {m["key"]: m["value"] for m in mlflow_run["data"]["metrics"]}
     evaluated = json.loads((a / paths.EVAL_METRICS).read_text())
