@@ -220,6 +220,7 @@ class PromoteConfig(_Section):
     replicas: list[str]
     require_clean: bool
     shadow_min_requests: int = Field(ge=0)
+    start_timeout_s: float = Field(gt=0.0)
     shadow_max_disagreement: float = Field(ge=0.0, le=1.0)
 
 
@@ -286,6 +287,7 @@ class MlflowConfig(_Section):
 
 
 class StackConfig(_Section):
+    outage_s: float = Field(ge=0.0)
     folder: str
     postgres_port: int = Field(ge=1, le=65535)
     s3_port: int = Field(ge=1, le=65535)

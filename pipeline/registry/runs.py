@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.core import paths
 from pipeline.core.config import Params
+from pipeline.core.errors import Failure
 from pipeline.core.files import load_json
 from pipeline.registry.store import Store
 
@@ -54,10 +55,46 @@ def describe_training(run_params: dict, root: Path, manifest: dict, meta: dict, 
     )
 
 
-def log_epoch(row: dict) -> None:
-    import mlflow
+class EpochLog:
+    """The active run's per-epoch metrics. A tracking server down for longer than one request's retries (a
+    restart on a busy machine easily is) costs training nothing: the epochs that could not be sent are kept
+    and sent with the next one, and `flush` waits for the server, up to `deadline_s`, before the run ends."""
 
-    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+    def __init__(self, deadline_s: float) -> None:
+        self.deadline_s = deadline_s
+        self.pending: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self.pending.append(row)
+        self._send()
+
+    def flush(self) -> None:
+        deadline = time.monotonic() + self.deadline_s
+        while not self._send():
+            if time.monotonic() > deadline:
+                raise Failure(
+                    f"the tracking server did not come back within mlflow.outage_s ({self.deadline_s:g} s): "
+                    f"{len(self.pending)} epochs' metrics were not logged"
+                )
+            time.sleep(2)
+
+    def _send(self) -> bool:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            while self.pending:
+                row = self.pending[0]
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+                self.pending.pop(0)
+        except MlflowException as err:
+            print(
+                f"[tollgate] the tracking server did not take epoch {self.pending[0]['epoch']}'s metrics; "
+                f"{len(self.pending)} kept for the next try ({err.message.splitlines()[0][:160]})",
+                flush=True,
+            )
+            return False
+        return True
 
 
 def finish_training(history_csv: Path, device: str, best_epoch: int) -> None:

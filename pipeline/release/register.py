@@ -39,7 +39,7 @@ def infra_validate(params: Params, root: Path, location: str) -> str | None:
         proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
         server = Server(f"http://127.0.0.1:{port}")
         try:
-            server.wait_ready(params.promote.timeout_s, alive=lambda: proc.poll() is None)
+            server.wait_ready(params.promote.start_timeout_s, alive=lambda: proc.poll() is None)
             verify.predicts_like(verify.scoring(server, params.promote.timeout_s), smoke, "served")
         except verify.VerificationFailed as err:
             return str(err)

@@ -142,18 +142,20 @@ def _train(params: Params, root: Path) -> dict:
             log(f"resuming from the checkpoint after epoch {resume['epoch']} (MLflow run {run_id})")
         start = time.perf_counter()
         with work():
-            result = job.fit(run_id, resume, _epoch_logger(params.train.epochs))
+            epochs = runs.EpochLog(params.mlflow.outage_s)
+            result = job.fit(run_id, resume, _epoch_logger(epochs, params.train.epochs))
             reference = job.reference(result)
         report = job.persist(result, reference, run_id, time.perf_counter() - start)
+        epochs.flush()
         runs.finish_training(root / paths.TRAIN_HISTORY, result.device, result.best_epoch)
     write_json(root / paths.TRAIN_REPORT, report)
     log(f"trained on {result.device} in {report['wall_s']:.1f}s; MLflow run {report['run_id']}")
     return report
 
 
-def _epoch_logger(epochs: int):
+def _epoch_logger(sink: runs.EpochLog, epochs: int):
     def on_epoch(row: dict) -> None:
-        runs.log_epoch(row)
+        sink.add(row)
         log(
             f"epoch {row['epoch']}/{epochs} loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} "
             f"val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f} "

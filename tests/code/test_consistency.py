@@ -144,6 +144,7 @@ WHERE_NOT_WHAT = {
     "registry.guard_lease_s",
     "serve.follow_interval_s",
     "promote.replicas",
+    "promote.start_timeout_s",  # how long a starting server is waited for, on a busy machine
     "flow",  # promote reads only who to notify of a rolled-back canary
 }
 ALIASES = {"validate_": "validate"}

@@ -518,9 +518,11 @@ def test_a_killed_guard_holder_frees_the_guard_when_its_lease_runs_out(stack, or
     killed = time.monotonic()
     holder.wait()
     (tmp_path / "waiter" / "go").touch()
-    assert waiter.wait(timeout=lease + 60) == 0, log.read_text()
+    assert waiter.wait(timeout=lease + 180) == 0, log.read_text()
     waited = time.monotonic() - killed
-    assert waited < lease + 15, waited  # the lease, Prefect's 2 s reclaim loop and retry (stack), margin
+    # The lease, Prefect's 2 s reclaim loop and retries, and a busy machine's margin: well short of the
+    # guard's own timeout (600 s), after which the waiter would fail instead.
+    assert waited < lease + 120, waited
     assert _alias(stack, "champion") == y and _alias(stack, "previous") == champion
     assert not (a / paths.PROMOTION_INTENT).exists()  # killed before it moved anything
 
@@ -558,7 +560,8 @@ def test_a_postgresql_registry_is_guarded_by_an_advisory_lock_a_killed_holder_fr
         first.kill()
         start = time.monotonic()
         assert "held after" in second.stdout.readline()
-        assert time.monotonic() - start < 5  # the database dropped the dead session's lock
+        # The database dropped the dead session's lock: not a lease running out (60 s)
+        assert time.monotonic() - start < 30
     finally:
         for proc in (first, second):
             if proc is not None:
@@ -588,13 +591,15 @@ def test_a_tracking_server_restarted_mid_training_keeps_one_run_with_every_epoch
             stderr=subprocess.STDOUT,
             text=True,
         )
+        seen = []
         for line in proc.stdout:
+            seen.append(line)
             if line.startswith("[tollgate] epoch 3/"):
                 _kill(stack, "mlflow")
-                time.sleep(3)  # training goes on; its next metrics wait for the server
-                _up(stack)
-                break
-        out = line + proc.communicate(timeout=300)[0]
+            if "the tracking server did not take epoch" in line:
+                break  # down past a request's retries: training went on, its metrics wait for the server
+        _up(stack)
+        out = "".join(seen) + proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, out
     finally:
         set_param(a, "train.epochs", 14)
@@ -616,7 +621,9 @@ def test_a_dead_tracking_server_fails_the_stage_within_a_minute_and_moves_nothin
         _up(stack)
     assert proc.returncode == 1
     assert f"the MLflow tracking server ({stack.mlflow_url}) failed" in proc.stderr
-    assert elapsed < 75, elapsed  # MLflow's own default retries would take about four minutes
+    # mlflow.http_retries' ~30 s of backoff plus the stage's start, with a busy machine's margin: MLflow's
+    # own default retries (7, doubling from 2 s) would wait 254 s before failing
+    assert elapsed < 180, elapsed
     assert len(_versions(stack)) == before and _alias(stack, "champion") == champion
 
 
@@ -674,12 +681,11 @@ def test_dvc_without_credentials_fails_at_once_naming_the_remote(stack, origin, 
     kept = local.read_bytes()
     local.unlink()
     try:
-        start = time.monotonic()
         proc = run(["tollgate", "data", "push"], cwd=a, check=False)
-        assert time.monotonic() - start < 15
     finally:
         local.write_bytes(kept)
     assert proc.returncode == 1 and "DVC remote 'team'" in proc.stderr and "no credentials" in proc.stderr
+    assert "dvc push with" not in proc.stdout  # refused before DVC (and its retries) ever started
 
 
 def test_the_s3_endpoint_down_registers_nothing_and_dvc_fails_fast(stack, origin):
@@ -696,10 +702,9 @@ def test_the_s3_endpoint_down_registers_nothing_and_dvc_fails_fast(stack, origin
             proc.returncode == 1 and f"the MLflow tracking server ({stack.mlflow_url}) failed" in proc.stderr
         )
         assert len(_versions(stack)) == before and not [v for v in _versions(stack) if v["run_id"] == run_id]
-        start = time.monotonic()
         push = run(["tollgate", "data", "push"], cwd=a, check=False)
-        assert time.monotonic() - start < 15
         assert push.returncode == 1 and "DVC remote 'team'" in push.stderr and "cannot be used" in push.stderr
+        assert "dvc push with" not in push.stdout  # one probe of the endpoint, not DVC's retries
     finally:
         _up(stack)
 
