@@ -16,7 +16,7 @@ export GX_ANALYTICS_ENABLED := false
 $(VENV)/.installed: pyproject.toml tests/clients/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,team,torchserve]"  # one resolution: see pyproject.toml's team extra
+	$(BIN)/python -m pip install -q -e ".[dev,team,torchserve,onnx]"  # one resolution: see pyproject.toml's team extra
 	$(PYTHON) -m venv $(VENV)/clients  # Triton's and KServe's clients, for the tests: see the requirements file
 	$(VENV)/clients/bin/python -m pip install -q -r tests/clients/requirements.txt
 	touch $@

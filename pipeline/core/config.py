@@ -157,6 +157,8 @@ class GateConfig(_Section):
     compare_metrics: list[Metric] = Field(min_length=1)
     max_feedback_drop: float = Field(ge=0.0, le=1.0)
     warn_only: list[GateCheck]
+    min_agreement: float = Field(ge=0.0, le=1.0)
+    max_quantized_drop: float = Field(ge=0.0, le=1.0)
 
 
 class RegistryConfig(_Section):
@@ -173,6 +175,7 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(ge=1)
     max_latency_ms: float = Field(ge=0.0)
     threads: int = Field(ge=0)
+    runtime: Literal["torch", "onnx", "onnx-int8"]
     max_body_mb: float = Field(gt=0.0)
     max_request_images: int = Field(ge=1)
     max_image_pixels: int = Field(ge=1)
@@ -217,10 +220,10 @@ class PromoteConfig(_Section):
     canary: CanaryConfig
     smoke_images: int = Field(ge=1)
     timeout_s: float = Field(gt=0.0)
+    start_timeout_s: float = Field(gt=0.0)
     replicas: list[str]
     require_clean: bool
     shadow_min_requests: int = Field(ge=0)
-    start_timeout_s: float = Field(gt=0.0)
     shadow_max_disagreement: float = Field(ge=0.0, le=1.0)
 
 
@@ -284,10 +287,10 @@ class MlflowConfig(_Section):
     http_retries: int = Field(ge=0)
     http_backoff_s: int = Field(ge=0)
     http_timeout_s: int = Field(ge=1)
+    outage_s: float = Field(ge=0.0)
 
 
 class StackConfig(_Section):
-    outage_s: float = Field(ge=0.0)
     folder: str
     postgres_port: int = Field(ge=1, le=65535)
     s3_port: int = Field(ge=1, le=65535)

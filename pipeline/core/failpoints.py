@@ -8,7 +8,8 @@ waits, threads still running, until a file `go` appears there: a test can line s
 one point, or kill one while it holds something. With <name>:raise the point raises FailpointError, as an
 error at that point would, and with <name>:raise=<fraction> it raises on that share of reaches (every
 round(1/fraction)-th, as a flaky dependency would); with <name>:sleep=<seconds> it sleeps that long, as
-a slow dependency would.
+a slow dependency would. With <name>:on, `armed(name)` is true: the code there corrupts its own result (an
+int8 model that disagrees with its eager twin), for a test to prove that a gate catches it.
 Unset (always, outside tests), a point costs one dictionary lookup.
 """
 
@@ -48,3 +49,7 @@ def reach(name: str) -> None:
         (folder / f"paused-{os.getpid()}").touch()
         while not (folder / "go").exists():
             time.sleep(0.05)
+
+
+def armed(name: str) -> bool:
+    return os.environ.get("TOLLGATE_FAILPOINT") == f"{name}:on"

@@ -100,17 +100,24 @@ def stability_metrics(predict, x: np.ndarray, pred: np.ndarray, cfg: EvaluateCon
     return out
 
 
-def speed_metrics(forward, shape: list[int], cfg: EvaluateConfig) -> dict:
-    """Batch-1 latency percentiles and batched throughput of `forward` (pixels -> anything) on its device."""
-    one = np.zeros((1, *shape), dtype=np.float32)
-    batch = np.zeros((cfg.throughput_batch, *shape), dtype=np.float32)
-    for _ in range(3):  # warm-up: allocator, kernels and caches
+def batch1_latencies_ms(forward, shape: list[int], runs: int, dtype=np.float32) -> list[float]:
+    """`runs` timed calls of `forward` on one image of `shape`, after a warm-up (allocator, kernels and
+    caches)."""
+    one = np.zeros((1, *shape), dtype=dtype)
+    for _ in range(3):
         forward(one)
     lat = []
-    for _ in range(cfg.timing_runs):
+    for _ in range(runs):
         start = time.perf_counter()
         forward(one)
         lat.append((time.perf_counter() - start) * 1000)
+    return lat
+
+
+def speed_metrics(forward, shape: list[int], cfg: EvaluateConfig) -> dict:
+    """Batch-1 latency percentiles and batched throughput of `forward` (pixels -> anything) on its device."""
+    lat = batch1_latencies_ms(forward, shape, cfg.timing_runs)
+    batch = np.zeros((cfg.throughput_batch, *shape), dtype=np.float32)
     forward(batch)
     start = time.perf_counter()
     runs = max(1, cfg.timing_runs // 10)

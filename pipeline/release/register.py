@@ -17,13 +17,17 @@ from pipeline.core import experiment, failpoints, paths
 from pipeline.core.config import Params
 from pipeline.core.files import load_json
 from pipeline.data.prepared import read_manifest
+from pipeline.evaluation.runtimes import RuntimeRow
+from pipeline.evaluation.runtimes import markdown as runtime_table
 from pipeline.evaluation.verdict import Verdict
 from pipeline.registry import versions
 from pipeline.registry.runs import git_state
 from pipeline.registry.store import CHALLENGER, Store, model_uri
 from pipeline.release import verify
 from pipeline.release.results import Registration
+from pipeline.release.runtimes import stage as stage_runtimes
 from pipeline.serving.client import Server, free_port
+from pipeline.training import runtimes
 from pipeline.training.model import META, backbone_name
 
 SERVER = "pipeline.serving.app"  # what infra validation starts in a fresh process
@@ -88,22 +92,35 @@ class Rejected(Exception):
 
 
 def _new_version(store: Store, params: Params, root: Path, run_id: str) -> str:
-    """Log the candidate, serve it from a fresh process, register it; its version. Raises Rejected when
-    it cannot be packaged or does not serve like evaluation predicted, and a tracking-store failure as it
-    is (the stage fails and can be retried)."""
-    model_dir = root / paths.MODEL_DIR
-    example = verify.smoke_images(root, load_json(model_dir / META)["input_shape"], 2)
-    try:
-        logged = versions.log_candidate(store, run_id, model_dir, example)
-    except versions.PackagingError as err:
-        raise Rejected(f"infra validation failed: {err}") from None
+    """Log the candidate with the serving artefacts that passed their gate, serve it from a fresh process,
+    register it; its version. Raises Rejected when it cannot be packaged or does not serve like evaluation
+    predicted, and a tracking-store failure as it is (the stage fails and can be retried)."""
+    example = verify.smoke_images(root, load_json(root / paths.MODEL_DIR / META)["input_shape"], 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        serves, _ = stage_runtimes(params, root, model_dir)
+        try:
+            logged = versions.log_candidate(store, run_id, model_dir, example)
+        except versions.PackagingError as err:
+            raise Rejected(f"infra validation failed: {err}") from None
     failure = infra_validate(params, root, logged.location)
     if failure is not None:
-        raise Rejected(f"infra validation failed: {failure}")
+        raise Rejected(f"infra validation failed ({serves}): {failure}")
     failpoints.reach("register:logged")
     version = versions.register(logged, params.registry.model_name)
     failpoints.reach("register:version-created")
     return version
+
+
+def _runtimes_of(store: Store, name: str, version: str) -> tuple[str, list[dict]]:
+    """The runtime that serves a registered version and its artefacts' gate rows, as it was logged."""
+
+    def read(folder: Path) -> tuple[str, list[dict]]:
+        path = folder / runtimes.CHOICE
+        choice = load_json(path) if path.exists() else {"serves": runtimes.TORCH, "rows": []}
+        return choice["serves"], choice["rows"]
+
+    return store.read_model_dir(model_uri(name, version), read)
 
 
 def _experiment_tags(root: Path, exp: experiment.Experiment) -> dict[str, str]:
@@ -115,10 +132,11 @@ def _experiment_tags(root: Path, exp: experiment.Experiment) -> dict[str, str]:
     }
 
 
-def _describe(store: Store, params: Params, root: Path, version: str, verdict: Verdict) -> str:
-    """The version's lineage tags and gate table, the model's description, and its alias: @challenger, or
-    `@exp-<name>` for a DVC experiment's candidate (an experiment is never a candidate for production
-    until someone promotes it on purpose). Returns the alias."""
+def _describe(store: Store, params: Params, root: Path, version: str, verdict: Verdict,
+              serves: tuple[str, list[dict]]) -> str:  # fmt: skip
+    """The version's lineage tags, gate table and serving runtime, the model's description, and its alias:
+    @challenger, or `@exp-<name>` for a DVC experiment's candidate (an experiment is never a candidate for
+    production until someone promotes it on purpose). Returns the alias."""
     name = params.registry.model_name
     metrics = load_json(root / paths.EVAL_METRICS)
     meta = load_json(root / paths.MODEL_DIR / META)
@@ -133,6 +151,7 @@ def _describe(store: Store, params: Params, root: Path, version: str, verdict: V
         "accuracy": f"{metrics['accuracy']:.4f}",
         "macro_f1": f"{metrics['macro_f1']:.4f}",
         "device": load_json(root / paths.TRAIN_REPORT)["device"],
+        "runtime": serves[0],
     }
     exp = experiment.current()
     if exp is not None:
@@ -140,9 +159,16 @@ def _describe(store: Store, params: Params, root: Path, version: str, verdict: V
     if verdict.paired is not None:
         tags["paired_test"] = verdict.paired.sentence()
     # The model card (evaluate wrote it from the figures it measured) is what the registry UI shows.
-    text = (root / paths.MODEL_CARD).read_text().replace(
-        f"Gate: **{verdict.headline()}**.", f"Gate: **{verdict.headline()}**, infra validation passed.", 1
+    text = (
+        (root / paths.MODEL_CARD)
+        .read_text()
+        .replace(
+            f"Gate: **{verdict.headline()}**.", f"Gate: **{verdict.headline()}**, infra validation passed.", 1
+        )
     )
+    if serves[1]:
+        rows = [RuntimeRow.model_validate(r) for r in serves[1]]
+        text += "\n\n" + runtime_table(rows, serves[0]) + "\n"
     about = model_description(meta, read_manifest(root / paths.PREPARED_DIR)["source"])
     versions.describe(store, name, version, tags, text, about)
     alias = exp.alias if exp is not None else CHALLENGER
@@ -170,7 +196,8 @@ def register(store: Store, params: Params, root: Path, verdict: Verdict) -> Regi
             version = _new_version(store, params, root, run_id)
         except Rejected as err:
             return reject([str(err)])
-    alias = _describe(store, params, root, version, verdict)
+    serves = _runtimes_of(store, name, version)
+    alias = _describe(store, params, root, version, verdict, serves)
     exp = experiment.current()
     return Registration(
         registered=True,
@@ -180,5 +207,7 @@ def register(store: Store, params: Params, root: Path, verdict: Verdict) -> Regi
         model_uri=model_uri(name, version),
         alias=alias,
         experiment=exp.name if exp else None,
+        runtime=serves[0],
+        runtimes=serves[1],
         existed=existed,
     )

@@ -19,6 +19,8 @@ class Registration(Report):
     alias: str | None = None  # challenger, or exp-<name> for a DVC experiment's candidate
     experiment: str | None = None  # the DVC experiment that made it
     reasons: list[str] = []
+    runtime: str = "torch"  # what serves the version: torch, or an ONNX artefact that passed its gate
+    runtimes: list[dict] = []  # the artefacts' gate rows (pipeline.evaluation.runtimes.RuntimeRow)
     # Registered by an earlier run of this stage for the same training run: said in the log, never written,
     # so the report of the same version stays byte-identical and promote has nothing to redo.
     existed: bool = Field(False, exclude=True)

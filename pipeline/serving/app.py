@@ -53,7 +53,7 @@ def _context(
         root=root,
         follows=slot.model_uri is None and cfg.follow_interval_s > 0,
         followed=followed,
-        canary=ModelSlot(slot.store, slot.name, alias=CANARY) if slot.model_uri is None else None,
+        canary=slot.like(CANARY) if slot.model_uri is None else None,
     )
 
 
@@ -72,7 +72,7 @@ def _start_workers(ctx: ServerContext) -> None:
     if params.serve.shadow:
         from pipeline.serving.shadow import Shadow
 
-        challenger = ModelSlot(ctx.slot.store, ctx.name, alias=CHALLENGER)
+        challenger = ctx.slot.like(CHALLENGER)
         ctx.workers["shadow"] = Shadow(
             challenger, params.serve.shadow_queue, folder, params.monitor.flush_s, ctx.metrics
         )
@@ -204,7 +204,7 @@ def serve(
 
     cfg = params.serve
     store = connect(params, root)
-    slot = ModelSlot(store, params.registry.model_name, model_uri)
+    slot = ModelSlot(store, params.registry.model_name, model_uri, runtime=cfg.runtime, threads=cfg.threads)
     token = os.environ.get("TOLLGATE_ADMIN_TOKEN") or secrets.token_urlsafe(24)
     feedback_token = feedback_token_from_env()
     sock = _bind(host or cfg.host, cfg.port if port is None else port)

@@ -23,6 +23,7 @@ from pipeline.monitoring import drift
 from pipeline.registry.store import CHAMPION, Store
 from pipeline.serving.prometheus import Metrics
 from pipeline.training import model as model_io
+from pipeline.training import runtimes
 from pipeline.training.model import Classifier, predict_proba
 
 
@@ -32,6 +33,20 @@ class Served:
     model: Classifier
     meta: dict
     reference: drift.Reference | None = None  # what drift is measured against (models from before: none)
+    onnx: runtimes.OnnxModel | None = None  # the gated ONNX artefact that answers instead of `model`
+
+    @property
+    def runtime(self) -> str:
+        return runtimes.TORCH if self.onnx is None else self.onnx.runtime
+
+    def predict(self, x: np.ndarray, embeddings: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.onnx is not None:
+            probs, emb = self.onnx.predict(x)
+            return probs, emb if embeddings else None
+        if embeddings:
+            probs, emb = model_io.predict_with_embeddings(self.model, torch.from_numpy(x))
+            return probs.numpy(), emb.numpy()
+        return predict_proba(self.model, torch.from_numpy(x)).numpy(), None
 
 
 class NoModel(LookupError):
@@ -40,13 +55,18 @@ class NoModel(LookupError):
 
 class ModelSlot:
     """By default it follows `<name>@champion` (or another `alias`); with `model_uri` it serves that one
-    model (a candidate under infra validation) and reload is a no-op."""
+    model (a candidate under infra validation) and reload is a no-op. With `runtime` other than torch, a
+    version whose folder names a gated ONNX artefact (`pipeline.training.runtimes`) is answered by ONNX
+    Runtime on `threads` threads."""
 
-    def __init__(self, store: Store, name: str, model_uri: str | None = None, alias: str = CHAMPION):
+    def __init__(self, store: Store, name: str, model_uri: str | None = None, alias: str = CHAMPION,
+                 runtime: str = runtimes.TORCH, threads: int = 0):  # fmt: skip
         self.store = store
         self.name = name
         self.model_uri = model_uri
         self.alias = alias
+        self.runtime = runtime
+        self.threads = threads
         self.current: Served | None = None
         self._reload_lock = threading.Lock()
 
@@ -66,13 +86,18 @@ class ModelSlot:
                 return self.current
             if self.current is not None:
                 failpoints.reach("serve:swap")
-            model, meta, reference = self.store.read_model_dir(
-                uri, lambda folder: (*model_io.load(folder), drift.read_reference(folder))
-            )
-            h, w, c = meta["input_shape"]
-            predict_proba(model, torch.zeros(1, h, w, c))  # warm up before taking traffic
-            self.current = Served(version, model, meta, reference)
+            served = self.store.read_model_dir(uri, lambda folder: self._read(version, folder))
+            served.predict(np.zeros((1, *served.meta["input_shape"]), np.uint8), False)  # warm up first
+            self.current = served
             return self.current
+
+    def _read(self, version: str, folder) -> Served:
+        onnx = None if self.runtime == runtimes.TORCH else runtimes.load(folder, self.threads)
+        return Served(version, *model_io.load(folder), drift.read_reference(folder), onnx)
+
+    def like(self, alias: str) -> ModelSlot:
+        """A slot for another alias of the same model, served the same way (the canary, the challenger)."""
+        return ModelSlot(self.store, self.name, alias=alias, runtime=self.runtime, threads=self.threads)
 
     def clear(self) -> None:
         """Serve nothing from this slot (the alias it follows was removed)."""
@@ -135,7 +160,7 @@ class Batcher:
             wanted = any(i[3] for i in group)
             began = time.perf_counter()
             try:
-                probs, emb = await loop.run_in_executor(self.worker, _forward, served.model, x, wanted)
+                probs, emb = await loop.run_in_executor(self.worker, served.predict, x, wanted)
             except Exception as err:  # noqa: BLE001 - hand the failure to every waiting request
                 for _, _, fut, _ in group:
                     if not fut.done():
@@ -149,10 +174,3 @@ class Batcher:
                     end = start + len(xi)
                     fut.set_result((probs[start:end], emb[start:end] if want else None, waited))
                 start += len(xi)
-
-
-def _forward(model: Classifier, x: np.ndarray, embeddings: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    if embeddings:
-        probs, emb = model_io.predict_with_embeddings(model, torch.from_numpy(x))
-        return probs.numpy(), emb.numpy()
-    return predict_proba(model, torch.from_numpy(x)).numpy(), None

@@ -38,11 +38,12 @@ async def metadata(request: Request, model_name: str, model_version: str | None 
     return {
         "name": ctx.name,
         "versions": [served.version],
-        "platform": "pytorch",
+        "platform": "pytorch" if served.onnx is None else "onnxruntime_onnx",
         "inputs": [{"name": oip.INPUT, "datatype": "FP32", "shape": [-1, h, w, c]}],
         "outputs": [{"name": oip.OUTPUT, "datatype": "FP32", "shape": [-1, len(served.meta["classes"])]}],
         "classes": served.meta["classes"],
         "parameters": {
+            "runtime": served.runtime,  # torch, or the gated ONNX artefact answering (serve.runtime)
             "follows": ctx.followed if ctx.follows else None,
             "canary": {"version": canary.version, "weight": ctx.canary_weight} if canary else None,
         },
