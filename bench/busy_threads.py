@@ -1,0 +1,66 @@
+"""Training on a busy machine: a small CNN's training steps per second at 1 and 2 torch threads, with
+OpenMP's default (spinning) waits and with OMP_WAIT_POLICY=PASSIVE (what `tollgate` sets unless the user
+did), on a quiet machine and beside two CPU-bound busy loops this script starts and stops itself. Each arm
+is a fresh process (OpenMP reads the policy when torch loads), 8 s of steps after a warm-up.
+
+    .venv/bin/python bench/busy_threads.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ARM = r"""
+import sys, time, torch
+from torch import nn
+torch.set_num_threads(int(sys.argv[1]))
+net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+opt = torch.optim.SGD(net.parameters(), 0.01)
+x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+def step():
+    opt.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+for _ in range(3):
+    step()
+start, n = time.perf_counter(), 0
+while time.perf_counter() - start < 8:
+    step()
+    n += 1
+print(n / (time.perf_counter() - start))
+"""
+
+
+def _steps_per_s(threads: int, policy: str | None) -> float:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    out = subprocess.run([sys.executable, "-c", ARM, str(threads)], env=env, capture_output=True, text=True)
+    return float(out.stdout.strip())
+
+
+def _table(label: str) -> None:
+    for threads in (1, 2):
+        for policy in (None, "PASSIVE"):
+            rate = _steps_per_s(threads, policy)
+            print(f"| {label} | {threads} | {policy or 'default (spin)'} | {rate:.1f} |", flush=True)
+
+
+def main() -> None:
+    print("| machine | torch threads | OMP_WAIT_POLICY | steps/s |")
+    print("|---|---|---|---|")
+    _table("quiet")
+    busy = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(2)]
+    try:
+        _table("2 busy loops")
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    main()
