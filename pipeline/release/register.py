@@ -105,7 +105,7 @@ def _new_version(store: Store, params: Params, root: Path, run_id: str) -> str:
             raise Rejected(f"infra validation failed: {err}") from None
     failure = infra_validate(params, root, logged.location)
     if failure is not None:
-        raise Rejected(f"infra validation failed ({serves}): {failure}")
+        raise Rejected(f"infra validation failed: {failure} (served on {serves})")
     failpoints.reach("register:logged")
     version = versions.register(logged, params.registry.model_name)
     failpoints.reach("register:version-created")
