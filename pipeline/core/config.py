@@ -97,6 +97,7 @@ class TrainConfig(_Section):
     schedule: Literal["onecycle", "cosine"]
     warmup: float = Field(ge=0.0, lt=1.0)
     label_smoothing: float = Field(ge=0.0, lt=1.0)
+    calibrate: bool
     shift_pixels: int = Field(ge=0)
     flip: bool
     crop_scale: float = Field(gt=0.0, le=1.0)

@@ -24,6 +24,7 @@ from pipeline.core.config import TrainConfig
 from pipeline.data.prepared import Dataset
 from pipeline.training import backbones, checkpoint
 from pipeline.training.batches import Batches, augment
+from pipeline.training.calibration import fit_temperature
 from pipeline.training.model import Classifier, build
 
 
@@ -44,6 +45,7 @@ class TrainResult:
             "world_size": world_size,
             "epochs": len(self.history),
             "best_epoch": self.best_epoch,
+            "temperature": round(float(self.model.temperature), 4),  # train.calibrate's; 1 = none
             "resumed_from": self.resumed_from,
             "wall_s": round(wall, 3),
             "images_per_s": round(float(np.mean([r["images_per_s"] for r in self.history] or [0.0])), 1),
@@ -337,6 +339,8 @@ def train(
     if cfg.early_stopping and progress.best["weights"] is not None:
         t.model.load_state_dict(progress.best["weights"])
     best_epoch = progress.best["epoch"] if cfg.early_stopping else len(progress.history)
+    if cfg.calibrate:
+        fit_temperature(t.model.eval(), val_set)
     return TrainResult(t.model.eval(), progress.history, str(t.speed.device), resumed_from, best_epoch)
 
 

@@ -31,10 +31,12 @@ class Classifier(nn.Module):
         self.net = net
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        # 1 unless train.calibrate fitted one (pipeline/training/calibration.py): the logits are divided by it
+        self.register_buffer("temperature", torch.ones(1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2).float().div(255.0)
-        return self.net((x - self.mean) / self.std)
+        return self.net((x - self.mean) / self.std) / self.temperature
 
 
 def backbone_name(meta: dict) -> str:
@@ -86,15 +88,17 @@ def load(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Cla
     model_dir = Path(model_dir)
     meta = load_json(model_dir / META)
     model = build(meta)
-    model.load_state_dict(torch.load(model_dir / WEIGHTS, map_location=device, weights_only=True))
+    state = torch.load(model_dir / WEIGHTS, map_location=device, weights_only=True)
+    state.setdefault("temperature", torch.ones(1))  # weights saved before temperature scaling came
+    model.load_state_dict(state)
     return model.to(device).eval(), meta
 
 
 @torch.inference_mode()
-def predict_proba(model: Classifier, pixels, batch_size: int = 1024) -> torch.Tensor:
-    """Class probabilities for uint8/float NHWC pixels (array, memory map or tensor), batched to bound
-    memory: at most `batch_size` images and about 16 MB of pixels a pass (1024 photos at 224x224 would
-    hold gigabytes of activations)."""
+def logits_of(model: Classifier, pixels, batch_size: int = 1024) -> torch.Tensor:
+    """The logits for uint8/float NHWC pixels (array, memory map or tensor), batched to bound memory: at
+    most `batch_size` images and about 16 MB of pixels a pass (1024 photos at 224x224 would hold gigabytes
+    of activations)."""
     device = next(model.parameters()).device
     step = min(batch_size, arrays.rows_per_chunk(pixels, 16))
     tensor = isinstance(pixels, torch.Tensor)
@@ -102,8 +106,13 @@ def predict_proba(model: Classifier, pixels, batch_size: int = 1024) -> torch.Te
     for i in range(0, len(pixels), step):
         rows = range(i, min(i + step, len(pixels)))
         part = pixels[i : rows.stop] if tensor else torch.from_numpy(arrays.take(pixels, rows))
-        out.append(torch.softmax(model(part.to(device)), dim=1).cpu())
+        out.append(model(part.to(device)).float().cpu())
     return torch.cat(out)
+
+
+def predict_proba(model: Classifier, pixels, batch_size: int = 1024) -> torch.Tensor:
+    """Class probabilities, as `logits_of`."""
+    return torch.softmax(logits_of(model, pixels, batch_size), dim=1)
 
 
 @torch.inference_mode()

@@ -131,3 +131,22 @@ def test_photo_augmentation_crops_and_jitters_each_image_within_the_pixel_range(
     assert all(changed)
     again = augment(x, config("train", crop_scale=0.3, color_jitter=0.4), torch.Generator().manual_seed(0))
     assert torch.equal(on, again)  # one seeded stream: a resumed run draws the same crops
+
+
+def test_calibration_brings_a_smoothed_model_back_to_its_accuracy_and_keeps_every_prediction(
+    prepared_digits, splits, tmp_path
+):
+    from pipeline.evaluation.metrics import expected_calibration_error
+
+    test = load_split(prepared_digits, "test")
+    raw = _fit(prepared_digits, splits, label_smoothing=0.3, epochs=6)
+    calibrated = _fit(prepared_digits, splits, label_smoothing=0.3, epochs=6, calibrate=True)
+    t = float(calibrated.model.temperature)
+    assert float(raw.model.temperature) == 1.0 and t < 1.0  # smoothing made it under-confident: sharpen
+    before, after = (model_io.predict_proba(r.model, test.x).numpy() for r in (raw, calibrated))
+    assert (before.argmax(1) == after.argmax(1)).all()  # the same weights, the same classes
+    assert expected_calibration_error(after, test.y, 15) < expected_calibration_error(before, test.y, 15) / 2
+    meta = model_io.make_meta("small_cnn", 8, read_manifest(prepared_digits))
+    model_io.save(calibrated.model, meta, tmp_path)
+    reloaded, _ = model_io.load(tmp_path)
+    assert float(reloaded.temperature) == pytest.approx(t)  # saved with the weights: every runtime divides
