@@ -1,6 +1,6 @@
 """Training on a busy machine: a small CNN's training steps per second at 1 and 2 torch threads, with
-OpenMP's default (spinning) waits and with OMP_WAIT_POLICY=PASSIVE (what `tollgate` sets unless the user
-did), on a quiet machine and beside two CPU-bound busy loops this script starts and stops itself. Each arm
+OpenMP's default (spinning) waits and with OMP_WAIT_POLICY=PASSIVE (for shared machines: docs/training.md),
+on a quiet machine and beside two CPU-bound busy loops this script starts and stops itself. Each arm
 is a fresh process (OpenMP reads the policy when torch loads), 8 s of steps after a warm-up.
 
     .venv/bin/python bench/busy_threads.py

@@ -234,13 +234,6 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin while they wait collapse when another process wants the cores: beside two busy
-    # loops, 2 torch threads trained no faster than 1 (bench/busy_threads.py: 4.1 vs 4.0 steps/s) and 1.4x
-    # faster with passive waits (5.7), which cost ~7 % on a quiet machine. Set before torch loads OpenMP;
-    # child processes (stages under DVC, torchrun's workers, infra validation) inherit it; the user's wins.
-    import os
-
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = _parser().parse_args(argv)
     root = Path.cwd()
     from pipeline.core.config import ConfigError, load_params
