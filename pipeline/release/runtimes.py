@@ -67,5 +67,5 @@ def _build(runtime: str, model, meta: dict, root: Path, out: Path) -> None:
 
 
 def _p50(forward, shape: list[int], runs: int) -> float:
-    # uint8 pixels, as requests bring them; torch's path takes the same array
-    return float(np.percentile(batch1_latencies_ms(forward, shape, runs, np.uint8), 50))
+    # float32 pixels, as a parsed request hands them to either runtime
+    return float(np.percentile(batch1_latencies_ms(forward, shape, runs), 50))

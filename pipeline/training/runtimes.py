@@ -1,8 +1,9 @@
 """The model in other runtimes than eager torch: an ONNX export and its int8 quantisation, and the ONNX
 Runtime session that serves either.
 
-Both take raw uint8 NHWC pixels, as the eager model does (the normalisation is in the graph), and give the
-class probabilities and the penultimate layer's output, so a server on ONNX Runtime still feeds drift
+Both take NHWC pixels in 0..255 as float32, exactly what the eager model is handed once a request is
+parsed (a uint8 graph input would round fractional values), with the normalisation in the graph, and give
+the class probabilities and the penultimate layer's output, so a server on ONNX Runtime still feeds drift
 monitoring. Whether an artefact may serve is not decided here: `pipeline.evaluation.runtimes` gates it on
 the test split, and the choice is written beside the weights (`runtimes.json`).
 """
@@ -46,7 +47,7 @@ class _WithEmbeddings(nn.Module):
 def export_onnx(model: Classifier, input_shape: list[int], path: Path) -> None:
     """torch.export's graph of `model` (dynamo, the default exporter since PyTorch 2.9) as ONNX, with a
     dynamic batch dimension."""
-    example = torch.zeros(2, *input_shape, dtype=torch.uint8)
+    example = torch.zeros(2, *input_shape, dtype=torch.float32)
     program = torch.onnx.export(
         _WithEmbeddings(model.cpu().eval()),
         (example,),
@@ -74,7 +75,7 @@ def quantize_int8(onnx_path: Path, calibration: np.ndarray, path: Path, batch: i
             return (
                 None
                 if start is None
-                else {"pixels": np.ascontiguousarray(calibration[start : start + batch])}
+                else {"pixels": np.asarray(calibration[start : start + batch], dtype=np.float32)}
             )
 
     prepared = path.with_suffix(".pre.onnx")
@@ -107,7 +108,7 @@ class OnnxModel:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        probs, embeddings = self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.uint8)})
+        probs, embeddings = self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})
         if self.runtime == INT8 and failpoints.armed("runtime:int8-disagrees"):
             probs = np.roll(probs, 1, axis=1)  # every prediction moves to the next class
         return probs, embeddings
