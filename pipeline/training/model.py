@@ -115,13 +115,18 @@ def predict_proba(model: Classifier, pixels, batch_size: int = 1024) -> torch.Te
     return torch.softmax(logits_of(model, pixels, batch_size), dim=1)
 
 
+def last_linear(model: Classifier) -> nn.Linear:
+    """The classification layer: what it reads is the embedding drift monitoring compares."""
+    return [m for m in model.net.modules() if isinstance(m, nn.Linear)][-1]
+
+
 @torch.inference_mode()
 def predict_with_embeddings(
     model: Classifier, pixels, batch_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probabilities and the penultimate layer's output (what the last linear layer reads), in one
     pass: drift monitoring compares these embeddings with the ones saved at training."""
-    head = [m for m in model.net.modules() if isinstance(m, nn.Linear)][-1]
+    head = last_linear(model)
     seen: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].float().cpu()))
     try:

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.core import failpoints
 from pipeline.core.files import load_json, write_json
-from pipeline.training.model import Classifier
+from pipeline.training.model import Classifier, last_linear
 
 TORCH, ONNX, INT8 = "torch", "onnx", "onnx-int8"
 FILES = {ONNX: "model.onnx", INT8: "model.int8.onnx"}
@@ -32,7 +32,7 @@ class _WithEmbeddings(nn.Module):
     def __init__(self, model: Classifier):
         super().__init__()
         self.model = model
-        self.head = [m for m in model.net.modules() if isinstance(m, nn.Linear)][-1]
+        self.head = last_linear(model)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seen: list[torch.Tensor] = []
