@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.evaluation.metrics import batch1_latencies_ms  # noqa: E402
 from pipeline.training import model as model_io  # noqa: E402
 from pipeline.training import runtimes  # noqa: E402
+from pipeline.training.onnx_export import export_onnx  # noqa: E402
 
 CASES = [("resnet18", [32, 32, 3]), ("resnet18.tv_in1k", [224, 224, 3])]
 
@@ -50,7 +51,7 @@ def _throughput(forward, x: np.ndarray, seconds: float = 3.0) -> float:
 def _contenders(model, shape: list[int], calibration: np.ndarray, folder: Path, threads: int) -> dict:
     """Each runtime as pixels -> probabilities."""
     onnx_path, int8_path = folder / "m.onnx", folder / "m.int8.onnx"
-    runtimes.export_onnx(model, shape, onnx_path)
+    export_onnx(model, shape, onnx_path)
     runtimes.quantize_int8(onnx_path, calibration, int8_path)
     onnx = runtimes.OnnxModel(onnx_path, runtimes.ONNX, threads)
     int8 = runtimes.OnnxModel(int8_path, runtimes.INT8, threads)
@@ -83,6 +84,7 @@ def main() -> None:
                 agree = float((forward(images).argmax(1) == reference).mean())
                 print(f"| {backbone} | {'x'.join(map(str, shape))} | {name} | {np.percentile(lat, 50):.2f} "
                       f"| {np.percentile(lat, 99):.2f} | {ips:.0f} | {agree:.3f} |", flush=True)  # fmt: skip
+
 
 if __name__ == "__main__":
     main()

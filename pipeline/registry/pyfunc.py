@@ -10,7 +10,8 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-from pipeline.training.model import MLFLOW_ARTIFACT, load, predict_proba
+from pipeline.training.model import load, predict_proba
+from pipeline.training.model_folder import MLFLOW_ARTIFACT
 
 
 class TollgateModel(PythonModel):

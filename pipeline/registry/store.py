@@ -105,7 +105,7 @@ class Store:
         import mlflow
         import yaml
 
-        from pipeline.training.model import MLFLOW_ARTIFACT
+        from pipeline.training.model_folder import MLFLOW_ARTIFACT
 
         base = self.location(uri)
 

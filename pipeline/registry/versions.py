@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.core import codegraph
 from pipeline.core.files import load_json
 from pipeline.registry.store import Store
-from pipeline.training.model import META, MLFLOW_ARTIFACT
+from pipeline.training.model_folder import META, MLFLOW_ARTIFACT
 
 MODEL_CODE = "pipeline.registry.pyfunc"  # what MLflow runs to load the model (pyfunc "model from code")
 

@@ -19,6 +19,7 @@ from pipeline.evaluation.metrics import batch1_latencies_ms
 from pipeline.evaluation.runtimes import RuntimeRow, judge, unbuilt
 from pipeline.training import model as model_io
 from pipeline.training import runtimes
+from pipeline.training.onnx_export import export_onnx
 
 CALIBRATION_IMAGES = 256  # training images that set int8's activation ranges
 
@@ -56,7 +57,7 @@ def stage(params: Params, root: Path, out: Path) -> tuple[str, list[RuntimeRow]]
 
 def _build(runtime: str, model, meta: dict, root: Path, out: Path) -> None:
     if runtime == runtimes.ONNX:
-        runtimes.export_onnx(model, meta["input_shape"], out / runtimes.FILES[runtime])
+        export_onnx(model, meta["input_shape"], out / runtimes.FILES[runtime])
         return
     train = load_split(root / paths.PREPARED_DIR, "train")
     picks = np.random.default_rng(0).choice(

@@ -195,7 +195,6 @@ def serve(
     and only once it listens. It loads @champion and publishes inside `startup(store)`: the CLI passes the
     promotion lock with recovery of a killed promotion, so no promotion can slip between what the server
     loads and when promotion can find it."""
-    import torch
     import uvicorn
 
     from pipeline.registry.store import connect
@@ -214,8 +213,6 @@ def serve(
         _load_first(slot, url)
         if follows:
             state.publish(root, state.this_process(url, token, feedback_token))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     app = create_app(
         params,
         slot,

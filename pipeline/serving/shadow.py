@@ -17,7 +17,6 @@ from pipeline.registry.store import CHALLENGER
 from pipeline.serving.batching import ModelSlot, NoModel
 from pipeline.serving.prometheus import Metrics
 from pipeline.serving.worker import STOP, Worker
-from pipeline.training.model import predict_proba
 
 
 class Shadow(Worker):
@@ -75,7 +74,7 @@ class Shadow(Worker):
         start = time.perf_counter()
         try:
             failpoints.reach("shadow:predict")
-            other = predict_proba(challenger.model, x).numpy()
+            other = challenger.predict(x, False)[0]
             error = False
         except Exception as err:  # noqa: BLE001 - whatever the challenger does, the champion answered
             other, error = np.full_like(probs, np.nan), True

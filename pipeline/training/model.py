@@ -12,15 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.core.files import load_json, write_json
+from pipeline.core.files import write_json
 from pipeline.data import arrays
 from pipeline.data.images import interpolation_of
 from pipeline.training import backbones
-
-WEIGHTS = "model.pt"
-META = "model.json"
-# Name of this folder inside a logged MLflow pyfunc model (see pipeline/registry/pyfunc.py).
-MLFLOW_ARTIFACT = "model_dir"
+from pipeline.training.model_folder import META, WEIGHTS, read_meta
 
 
 class Classifier(nn.Module):
@@ -86,7 +82,7 @@ def save(model: Classifier, meta: dict, out_dir: str | Path) -> None:
 
 def load(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:
     model_dir = Path(model_dir)
-    meta = load_json(model_dir / META)
+    meta = read_meta(model_dir)
     model = build(meta)
     state = torch.load(model_dir / WEIGHTS, map_location=device, weights_only=True)
     state.setdefault("temperature", torch.ones(1))  # weights saved before temperature scaling came

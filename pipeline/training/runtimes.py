@@ -1,5 +1,6 @@
-"""The model in other runtimes than eager torch: an ONNX export and its int8 quantisation, and the ONNX
-Runtime session that serves either.
+"""The model in other runtimes than eager torch: an ONNX export (made by `onnx_export`, the one part that
+needs torch) and its int8 quantisation, and the ONNX Runtime session that serves either. Nothing here
+imports torch, so a server answering on ONNX Runtime never loads it.
 
 Both take NHWC pixels in 0..255 as float32, exactly what the eager model is handed once a request is
 parsed (a uint8 graph input would round fractional values), with the normalisation in the graph, and give
@@ -14,50 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from pipeline.core import failpoints
 from pipeline.core.files import load_json, write_json
-from pipeline.training.model import Classifier, last_linear
 
 TORCH, ONNX, INT8 = "torch", "onnx", "onnx-int8"
 FILES = {ONNX: "model.onnx", INT8: "model.int8.onnx"}
 CHOICE = "runtimes.json"  # beside model.pt: {"serves": <runtime>, "rows": the gate's table}
-
-
-class _WithEmbeddings(nn.Module):
-    """Probabilities and what the last linear layer reads, as two graph outputs."""
-
-    def __init__(self, model: Classifier):
-        super().__init__()
-        self.model = model
-        self.head = last_linear(model)
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seen: list[torch.Tensor] = []
-        hook = self.head.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
-        try:
-            logits = self.model(pixels)
-        finally:
-            hook.remove()
-        return torch.softmax(logits, dim=1), seen[0]
-
-
-def export_onnx(model: Classifier, input_shape: list[int], path: Path) -> None:
-    """torch.export's graph of `model` (dynamo, the default exporter since PyTorch 2.9) as ONNX, with a
-    dynamic batch dimension."""
-    example = torch.zeros(2, *input_shape, dtype=torch.float32)
-    program = torch.onnx.export(
-        _WithEmbeddings(model.cpu().eval()),
-        (example,),
-        dynamo=True,
-        input_names=["pixels"],
-        output_names=["probabilities", "embeddings"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-        verbose=False,
-    )
-    program.save(str(path))
 
 
 def quantize_int8(onnx_path: Path, calibration: np.ndarray, path: Path, batch: int = 32) -> None:

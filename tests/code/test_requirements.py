@@ -33,7 +33,7 @@ for arch in ("small_cnn", "resnet18"):
     with tempfile.TemporaryDirectory() as tmp:
         model.save(model.build(meta), meta, tmp)
         wrapped = mlflow_model.TollgateModel()
-        wrapped.load_context(type("Context", (), {"artifacts": {model.MLFLOW_ARTIFACT: tmp}})())
+        wrapped.load_context(type("Context", (), {"artifacts": {"model_dir": tmp}})())
         assert wrapped.predict(None, np.zeros((2, 8, 8, 1), dtype=np.float32)).shape == (2, 2)
 ours = ("pipeline", "__future__")
 print(json.dumps(sorted(n for n in seen if n not in sys.stdlib_module_names and n not in ours)))

@@ -1,11 +1,12 @@
 """Serving artefacts as a user turns them on: `serve.runtime: onnx` in params.yaml, the pipeline through
 register, and a real `tollgate serve` answering from ONNX Runtime, compared with eager torch on the test
-split. An int8 artefact made to disagree (a failpoint in its session) is refused by its gate and the
-version serves on torch."""
+split; that server never loads torch (its memory maps no libtorch). An int8 artefact made to disagree (a
+failpoint in its session) is refused by its gate and the version serves on torch."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +42,11 @@ def _served(project, registration: dict):
     return server, meta
 
 
+def _loaded_torch(server) -> bool:
+    """Whether the server process has torch's C++ library mapped: imported torch, once, anywhere."""
+    return "libtorch_cpu" in (Path("/proc") / str(server.proc.pid) / "maps").read_text()
+
+
 def test_an_onnx_artefact_that_passes_its_gate_serves_and_predicts_as_eager_torch(project):
     reg = _registration(project)
     assert reg["runtime"] == "onnx"
@@ -60,9 +66,11 @@ def test_an_onnx_artefact_that_passes_its_gate_serves_and_predicts_as_eager_torc
         assert meta["parameters"]["runtime"] == "onnx" and meta["platform"] == "onnxruntime_onnx"
         body = json.dumps({"inputs": x.tolist()}).encode()
         status, out = http("POST", f"{server.url}/invocations", body, {"Content-Type": "application/json"})
+        torch_loaded = _loaded_torch(server)
     finally:
         server.stop()
     assert status == 200, out
+    assert not torch_loaded
     served = np.asarray(out["predictions"])
     assert (served.argmax(1) == eager.argmax(1)).all()
     np.testing.assert_allclose(served, eager, atol=1e-4)
@@ -85,5 +93,6 @@ def test_an_int8_artefact_that_disagrees_is_refused_and_the_version_serves_on_to
     version = model_client(project).get_model_version(NAME, reg["version"])
     assert version.tags["runtime"] == "torch" and "## Serving runtime: torch" in version.description
     server, meta = _served(project, reg)
+    torch_loaded = _loaded_torch(server)
     server.stop()
-    assert meta["parameters"]["runtime"] == "torch" and meta["platform"] == "pytorch"
+    assert meta["parameters"]["runtime"] == "torch" and meta["platform"] == "pytorch" and torch_loaded

@@ -34,7 +34,7 @@ from pipeline.registry.versions import pip_requirements
 from pipeline.release import verify
 from pipeline.release.targets import torchserve_handler
 from pipeline.release.targets.base import Handover, Target, TargetError
-from pipeline.training.model import META, WEIGHTS
+from pipeline.training.model_folder import META, WEIGHTS
 
 
 class TorchServeError(TargetError):
