@@ -91,14 +91,18 @@ class Rejected(Exception):
     """The candidate fails infra validation; the message says why."""
 
 
-def _new_version(store: Store, params: Params, root: Path, run_id: str) -> str:
+Runtimes = tuple[str, list[dict]]  # the runtime that serves a version, and its artefacts' gate rows
+
+
+def _new_version(store: Store, params: Params, root: Path, run_id: str) -> tuple[str, Runtimes]:
     """Log the candidate with the serving artefacts that passed their gate, serve it from a fresh process,
-    register it; its version. Raises Rejected when it cannot be packaged or does not serve like evaluation
-    predicted, and a tracking-store failure as it is (the stage fails and can be retried)."""
+    register it; its version and runtimes. Raises Rejected when it cannot be packaged or does not serve
+    like evaluation predicted, and a tracking-store failure as it is (the stage fails and can be
+    retried)."""
     example = verify.smoke_images(root, load_json(root / paths.MODEL_DIR / META)["input_shape"], 2)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        serves, _ = stage_runtimes(params, root, model_dir)
+        serves, rows = stage_runtimes(params, root, model_dir)
         try:
             logged = versions.log_candidate(store, run_id, model_dir, example)
         except versions.PackagingError as err:
@@ -109,13 +113,14 @@ def _new_version(store: Store, params: Params, root: Path, run_id: str) -> str:
     failpoints.reach("register:logged")
     version = versions.register(logged, params.registry.model_name)
     failpoints.reach("register:version-created")
-    return version
+    return version, (serves, [r.model_dump(mode="json") for r in rows])
 
 
-def _runtimes_of(store: Store, name: str, version: str) -> tuple[str, list[dict]]:
-    """The runtime that serves a registered version and its artefacts' gate rows, as it was logged."""
+def _runtimes_of(store: Store, name: str, version: str) -> Runtimes:
+    """The runtime that serves a registered version and its artefacts' gate rows, as it was logged (read
+    back when a re-run completes a version registered before)."""
 
-    def read(folder: Path) -> tuple[str, list[dict]]:
+    def read(folder: Path) -> Runtimes:
         path = folder / runtimes.CHOICE
         choice = load_json(path) if path.exists() else {"serves": runtimes.TORCH, "rows": []}
         return choice["serves"], choice["rows"]
@@ -133,7 +138,7 @@ def _experiment_tags(root: Path, exp: experiment.Experiment) -> dict[str, str]:
 
 
 def _describe(store: Store, params: Params, root: Path, version: str, verdict: Verdict,
-              serves: tuple[str, list[dict]]) -> str:  # fmt: skip
+              serves: Runtimes) -> str:  # fmt: skip
     """The version's lineage tags, gate table and serving runtime, the model's description, and its alias:
     @challenger, or `@exp-<name>` for a DVC experiment's candidate (an experiment is never a candidate for
     production until someone promotes it on purpose). Returns the alias."""
@@ -191,12 +196,13 @@ def register(store: Store, params: Params, root: Path, verdict: Verdict) -> Regi
         return reject(verdict.reasons)
     version = versions.version_of_run(store, name, run_id)
     existed = version is not None
-    if not existed:
+    if existed:
+        serves = _runtimes_of(store, name, version)
+    else:
         try:
-            version = _new_version(store, params, root, run_id)
+            version, serves = _new_version(store, params, root, run_id)
         except Rejected as err:
             return reject([str(err)])
-    serves = _runtimes_of(store, name, version)
     alias = _describe(store, params, root, version, verdict, serves)
     exp = experiment.current()
     return Registration(

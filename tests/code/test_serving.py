@@ -318,3 +318,20 @@ def test_feedback_has_a_token_of_its_own_and_a_size_bound(tmp_path, monkeypatch)
         assert c.post("/feedback", content=_json(label), headers=auth).status_code == 201
         full = c.post("/feedback", content=_json(label), headers=auth)  # one shard is over 0.0001 MB
         assert full.status_code == 507 and "monitor.feedback_max_mb" in full.json()["detail"]
+
+
+def test_smoke_requests_of_photos_stay_under_the_servers_body_limit():
+    from pipeline.release.verify import request_batches
+
+    limit = load_params(ROOT / "params.yaml").serve.max_body_mb * 1e6
+    x = np.full((16, 224, 224, 3), 255, np.uint8)  # promote.smoke_images photos at a backbone's size
+    x[:, 0, 0, 0] = np.arange(16)
+
+    def size(part) -> int:
+        return len(json.dumps({"inputs": part.astype(float).tolist()}))
+
+    assert size(x) > limit  # one request would be refused while it arrives
+    parts = request_batches(x)
+    assert all(size(p) <= limit for p in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), x)
+    assert len(request_batches(np.zeros((16, 8, 8, 1), np.uint8))) == 1  # digits: one request, as before
