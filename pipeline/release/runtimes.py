@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.core import paths
 from pipeline.core.config import Params
@@ -35,7 +36,7 @@ def stage(params: Params, root: Path, out: Path) -> tuple[str, list[RuntimeRow]]
     test = load_split(root / paths.PREPARED_DIR, "test")
     eager = model_io.predict_proba(model, test.x).numpy()
     shape, runs = meta["input_shape"], params.evaluate.timing_runs
-    eager_p50 = _p50(lambda x: model_io.predict_proba(model, x), shape, runs)
+    eager_p50 = _eager_p50(model, shape, runs, params.serve.threads)
     rows = []
     for runtime in (runtimes.ONNX, runtimes.INT8)[: 1 + (wanted == runtimes.INT8)]:
         try:
@@ -65,6 +66,18 @@ def _build(runtime: str, model, meta: dict, root: Path, out: Path) -> None:
     )
     calibration = np.asarray(train.x[np.sort(picks)])
     runtimes.quantize_int8(out / runtimes.FILES[runtimes.ONNX], calibration, out / runtimes.FILES[runtime])
+
+
+def _eager_p50(model, shape: list[int], runs: int, threads: int) -> float:
+    """Eager torch's batch-1 p50 on the threads a server gives it (`serve.threads`), as each ONNX session is
+    measured: on the register process's default threads, eager would race ONNX with twice the cores."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _p50(lambda x: model_io.predict_proba(model, x), shape, runs)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _p50(forward, shape: list[int], runs: int) -> float:
