@@ -209,7 +209,7 @@ def main() -> None:
             _measure(f"tollgate {runtime}", lambda: Server(project), "/invocations", script, args, results)
 
     shape = f"{side}x{side}x{channels}"
-    model = f"ResNet-18 (`{args.model}`)" if resnet else "the digits CNN"
+    model = f"ResNet-18 at {args.side}x{args.side}" if resnet else "the digits CNN"
     print(
         f"\n{model}, {args.connections} connections, {args.seconds} s, one {shape} image per "
         "request, MLflow scoring JSON"
