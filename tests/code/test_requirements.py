@@ -27,13 +27,14 @@ builtins.__import__ = spy
 import numpy as np
 from pipeline.registry import pyfunc as mlflow_model
 from pipeline.training import model
+from pipeline.training.model_folder import MLFLOW_ARTIFACT
 for arch in ("small_cnn", "resnet18"):
     meta = {"backbone": arch, "width": 4, "input_shape": [8, 8, 1], "classes": ["a", "b"],
             "normalization": {"mean": [0.5], "std": [0.25]}}
     with tempfile.TemporaryDirectory() as tmp:
         model.save(model.build(meta), meta, tmp)
         wrapped = mlflow_model.TollgateModel()
-        wrapped.load_context(type("Context", (), {"artifacts": {"model_dir": tmp}})())
+        wrapped.load_context(type("Context", (), {"artifacts": {MLFLOW_ARTIFACT: tmp}})())
         assert wrapped.predict(None, np.zeros((2, 8, 8, 1), dtype=np.float32)).shape == (2, 2)
 ours = ("pipeline", "__future__")
 print(json.dumps(sorted(n for n in seen if n not in sys.stdlib_module_names and n not in ours)))

@@ -76,7 +76,9 @@ def _swap_two_classes(model) -> None:
     """As if trained with the labels of 3 and 8 swapped: the last layer's rows for them trade places."""
     import torch
 
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    from pipeline.training.model import last_linear
+
+    last = last_linear(model)
     with torch.no_grad():
         for tensor in (last.weight, last.bias):
             tensor[[3, 8]] = tensor[[8, 3]].clone()
