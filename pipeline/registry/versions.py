@@ -32,12 +32,13 @@ class Logged:
     location: str  # where its files are, what a fresh serving process loads
 
 
-def pip_requirements() -> list[str]:
-    """Every package the logged model's code imports, pinned to the version installed here: read from the
-    code (pipeline.core.codegraph), so a new import cannot be forgotten and MLflow need not trace imports."""
+def pip_requirements(code: str = MODEL_CODE) -> list[str]:
+    """Every package that `code` (the logged model's, by default) imports, pinned to the version installed
+    here: read from the code (pipeline.core.codegraph), so a new import cannot be forgotten and MLflow need
+    not trace imports."""
     from importlib.metadata import version
 
-    names = codegraph.distributions(codegraph.third_party(codegraph.closure([MODEL_CODE])))
+    names = codegraph.distributions(codegraph.third_party(codegraph.closure([code])))
     return sorted(f"{dist}=={version(dist)}" for dist in set(names.values()))
 
 

