@@ -119,11 +119,13 @@ def paired(correct: np.ndarray, champion: Champion, cfg: GateConfig) -> Paired:
     """The candidate's and the champion's answers on the same test images (`correct`: the candidate's,
     per image), compared where they disagree: a one-sided exact McNemar (binomial) test that the candidate
     is worse. The images both get right or both miss say nothing about which is better."""
-    from scipy.stats import binomtest
+    # scipy.stats.binomtest(alternative="less") is this binomial CDF; importing scipy.stats costs evaluate
+    # 1.2-1.9 s, scipy.special a quarter of that
+    from scipy.special import bdtr
 
     better = int((correct & ~champion.correct).sum())
     worse = int((~correct & champion.correct).sum())
-    p = binomtest(better, better + worse, 0.5, alternative="less").pvalue if better + worse else 1.0
+    p = bdtr(better, better + worse, 0.5) if better + worse else 1.0
     return Paired(
         champion=champion.version,
         better=better,

@@ -209,6 +209,17 @@ def test_a_drop_within_noise_is_allowed_by_max_drop_and_says_so():
     assert verdict["paired"]["better"] == 9 and verdict["paired"]["p_value"] > 0.9 and verdict["passed"]
 
 
+def test_the_paired_p_value_is_scipys_one_sided_exact_binomial_test():
+    from scipy.stats import binomtest
+
+    from pipeline.evaluation.gate import paired
+
+    for worse, better in [(1, 0), (6, 0), (3, 2), (12, 30), (40, 25), (150, 149)]:
+        champion, correct = _paired(worse=worse, better=better, n=400)
+        expected = binomtest(better, better + worse, 0.5, alternative="less").pvalue
+        assert paired(correct, champion, CFG).p_value == pytest.approx(expected, abs=1e-6), (worse, better)
+
+
 def test_gate_markdown_has_one_row_per_check():
     verdict = gate(_candidate(accuracy=0.5), CLASSES, CFG, None)
     md = gate_markdown(verdict)
