@@ -12,8 +12,6 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,41 +19,10 @@ from pipeline.core import failpoints
 from pipeline.core.config import ServeConfig
 from pipeline.monitoring import drift
 from pipeline.registry.store import CHAMPION, Store
+from pipeline.serving import served as served_model
 from pipeline.serving.prometheus import Metrics
+from pipeline.serving.served import Served
 from pipeline.training import runtimes
-from pipeline.training.model_folder import read_meta
-
-if TYPE_CHECKING:
-    from pipeline.training.model import Classifier
-
-
-@dataclass(frozen=True)
-class Served:
-    """One loaded version: its eager `model`, or the gated ONNX artefact that answers instead (then the
-    weights are never loaded, and neither is torch)."""
-
-    version: str
-    model: Classifier | None
-    meta: dict
-    reference: drift.Reference | None = None  # what drift is measured against (models from before: none)
-    onnx: runtimes.OnnxModel | None = None
-
-    @property
-    def runtime(self) -> str:
-        return runtimes.TORCH if self.onnx is None else self.onnx.runtime
-
-    def predict(self, x: np.ndarray, embeddings: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        if self.onnx is not None:
-            probs, emb = self.onnx.predict(x)
-            return probs, emb if embeddings else None
-        import torch
-
-        from pipeline.training.model import predict_proba, predict_with_embeddings
-
-        if embeddings:
-            probs, emb = predict_with_embeddings(self.model, torch.from_numpy(x))
-            return probs.numpy(), emb.numpy()
-        return predict_proba(self.model, torch.from_numpy(x)).numpy(), None
 
 
 class NoModel(LookupError):
@@ -101,17 +68,12 @@ class ModelSlot:
             return self.current
 
     def _read(self, version: str, folder) -> Served:
-        reference = drift.read_reference(folder)
-        onnx = None if self.runtime == runtimes.TORCH else runtimes.load(folder, self.threads)
-        if onnx is not None:
-            return Served(version, None, read_meta(folder), reference, onnx)
-        import torch
+        served = served_model.read(version, folder, self.runtime, self.threads, drift.read_reference(folder))
+        if served.onnx is None and self.threads:
+            import torch
 
-        from pipeline.training.model import load
-
-        if self.threads:
             torch.set_num_threads(self.threads)
-        return Served(version, *load(folder), reference)
+        return served
 
     def like(self, alias: str) -> ModelSlot:
         """A slot for another alias of the same model, served the same way (the canary, the challenger)."""

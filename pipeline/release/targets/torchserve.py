@@ -67,6 +67,7 @@ def build_archive(store: Store, params: Params, root: Path, version: str) -> Pat
             "version": str(version),
             "max_request_images": params.serve.max_request_images,
             "max_image_pixels": params.serve.max_image_pixels,
+            "runtime": params.serve.runtime,
             "threads": params.serve.threads,
         }
         write_json(tmp / torchserve_handler.SETTINGS, settings)
@@ -105,9 +106,10 @@ def build_archive(store: Store, params: Params, root: Path, version: str) -> Pat
 def _onnx_files(params: Params, model_dir: Path) -> list[Path]:
     """The version's gated ONNX artefact and its choice file, when `serve.runtime` asks for ONNX and the
     gate let one serve (the handler answers from it, as `tollgate serve` would); else none: torch serves."""
-    if params.serve.runtime == runtimes.TORCH or runtimes.chosen(model_dir) == runtimes.TORCH:
+    serves = runtimes.TORCH if params.serve.runtime == runtimes.TORCH else runtimes.chosen(model_dir)
+    if serves == runtimes.TORCH:
         return []
-    return [model_dir / runtimes.CHOICE, model_dir / runtimes.FILES[runtimes.chosen(model_dir)]]
+    return [model_dir / runtimes.CHOICE, model_dir / runtimes.FILES[serves]]
 
 
 def config_properties(params: Params, root: Path, version: str) -> str:

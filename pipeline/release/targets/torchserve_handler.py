@@ -26,27 +26,14 @@ class TollgateHandler:
         sys.path.insert(0, model_dir)  # the archive's own `pipeline`, whatever else is installed
         from pathlib import Path
 
-        from pipeline.training import runtimes
-        from pipeline.training.model_folder import read_meta
+        from pipeline.serving.served import read
 
         with open(os.path.join(model_dir, SETTINGS)) as f:
             self.settings = json.load(f)
-        self.onnx = runtimes.load(Path(model_dir), self.settings["threads"])  # None: no artefact shipped
-        self.runtime = runtimes.TORCH if self.onnx is None else self.onnx.runtime
-        if self.onnx is None:
-            from pipeline.training.model import load
-
-            self.model, self.meta = load(model_dir)
-        else:
-            self.meta = read_meta(model_dir)
+        s = self.settings
+        self.served = read(s["version"], Path(model_dir), s["runtime"], s["threads"])
+        self.meta = self.served.meta
         self.initialized = True
-
-    def _probs(self, pixels):
-        if self.onnx is not None:
-            return self.onnx.predict(pixels)[0]
-        from pipeline.training.model import predict_proba
-
-        return predict_proba(self.model, pixels).numpy()
 
     def _pixels(self, body):
         from pipeline.serving import protocols
@@ -73,7 +60,7 @@ class TollgateHandler:
                 context.set_response_status(err.status, err.detail, idx=i)
                 out[i] = {"detail": err.detail}
         if taken:
-            probs = self._probs(np.concatenate([x for _, x in taken]))
+            probs, _ = self.served.predict(np.concatenate([x for _, x in taken]), False)
             classes = self.meta["classes"]
             start = 0
             for i, x in taken:
@@ -83,6 +70,6 @@ class TollgateHandler:
                     "predictions": rows.tolist(),
                     "classes": [classes[k] for k in rows.argmax(1)],
                     "version": self.settings["version"],
-                    "runtime": self.runtime,
+                    "runtime": self.served.runtime,
                 }
         return out
