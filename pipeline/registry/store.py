@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +30,9 @@ CANARY = "canary"  # a candidate taking a share of live requests in a rollout (p
 # On the registered model: the share of requests (percent) servers send to @canary. In the registry, so
 # replicas on any machine read the same weight as they read the alias, without being told.
 CANARY_WEIGHT = "tollgate.canary.weight"
+# MLflow's error codes for a model or alias that does not exist (a tracking server answers an alias it
+# does not have with 400 INVALID_PARAMETER_VALUE, the SQL store with RESOURCE_DOES_NOT_EXIST)
+ABSENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
 def model_uri(name: str, version: str) -> str:
@@ -62,8 +66,49 @@ class VersionRef:
         return model_uri(self.name, self.version)
 
 
+class Reads(ABC):
+    """What a server reads from a registry: `Store` (MLflow's client) and the lean readers a serving
+    replica uses instead (`pipeline.registry.reader`)."""
+
+    @abstractmethod
+    def version(self, name: str, alias: str) -> VersionRef | None:
+        """The version behind `name@alias`, or None when the model or the alias does not exist."""
+
+    @abstractmethod
+    def model_tags(self, name: str) -> dict[str, str]:
+        """The registered model's own tags (empty when the model does not exist yet)."""
+
+    @abstractmethod
+    def download_model_dir(self, uri: str, dst: Path) -> Path:
+        """Fetch the weights + metadata folder of an MLflow-format model (a registry URI, or any artifact
+        URI of a logged model) into `dst`: no pyfunc load, no pickle."""
+
+    def read_model_dir(self, uri: str, read):
+        """`read(folder)` on the downloaded model folder of an MLflow-format model, which is removed after."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return read(self.download_model_dir(uri, Path(tmp)))
+
+    def canary_weight(self, name: str) -> float:
+        """The share of requests (percent) for @canary now; 0 when unset or unreadable as a number."""
+        try:
+            return float(self.model_tags(name).get(CANARY_WEIGHT, 0))
+        except ValueError:
+            return 0.0
+
+
+def weights_path(mlmodel: str) -> str:
+    """Where, inside an MLflow-format model, its weights + metadata folder is (from the MLmodel file)."""
+    import yaml
+
+    from pipeline.training.model_folder import MLFLOW_ARTIFACT
+
+    return yaml.safe_load(mlmodel)["flavors"]["python_function"]["artifacts"][MLFLOW_ARTIFACT]["path"]
+
+
 @dataclass(frozen=True)
-class Store:
+class Store(Reads):
     """One tracking store and registry, addressed explicitly (its client never reads global state)."""
 
     uri: str
@@ -71,13 +116,12 @@ class Store:
     client: MlflowClient = field(repr=False, compare=False)
 
     def version(self, name: str, alias: str) -> VersionRef | None:
-        """The version behind `name@alias`, or None when the model or the alias does not exist."""
         from mlflow.exceptions import MlflowException
 
         try:
             mv = self.client.get_model_version_by_alias(name, alias)
         except MlflowException as err:
-            if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            if err.error_code in ABSENT:
                 return None
             raise
         return VersionRef(name, str(mv.version), mv.run_id)
@@ -100,12 +144,7 @@ class Store:
         return uri
 
     def download_model_dir(self, uri: str, dst: Path) -> Path:
-        """Fetch the weights + metadata folder of an MLflow-format model (a registry URI, or any artifact
-        URI of a logged model) into `dst`: no pyfunc load, no pickle."""
         import mlflow
-        import yaml
-
-        from pipeline.training.model_folder import MLFLOW_ARTIFACT
 
         base = self.location(uri)
 
@@ -114,15 +153,7 @@ class Store:
                 artifact_uri=f"{base}/{rel}", dst_path=str(dst), tracking_uri=self.uri, registry_uri=self.uri
             )
 
-        pyfunc = yaml.safe_load(Path(fetch("MLmodel")).read_text())["flavors"]["python_function"]
-        return Path(fetch(pyfunc["artifacts"][MLFLOW_ARTIFACT]["path"]))
-
-    def read_model_dir(self, uri: str, read):
-        """`read(folder)` on the downloaded model folder of an MLflow-format model, which is removed after."""
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            return read(self.download_model_dir(uri, Path(tmp)))
+        return Path(fetch(weights_path(Path(fetch("MLmodel")).read_text())))
 
     def load_model(self, uri: str, device: str = "cpu"):
         """(model, meta) of an MLflow-format model, rebuilt from its weights and metadata exactly as the
@@ -151,7 +182,6 @@ class Store:
             self.client.delete_model_version_tag(name, version, key)
 
     def model_tags(self, name: str) -> dict[str, str]:
-        """The registered model's own tags (empty when the model does not exist yet)."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -168,13 +198,6 @@ class Store:
             return
         with contextlib.suppress(MlflowException):
             self.client.delete_registered_model_tag(name, key)
-
-    def canary_weight(self, name: str) -> float:
-        """The share of requests (percent) for @canary now; 0 when unset or unreadable as a number."""
-        try:
-            return float(self.model_tags(name).get(CANARY_WEIGHT, 0))
-        except ValueError:
-            return 0.0
 
     def tag_run(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
@@ -211,6 +234,20 @@ def _environment_kept(*names: str):
                 os.environ[name] = value
 
 
+def http_defaults(params: Params, uri: str) -> None:
+    """MLflow's defaults retry a dead server for about four minutes; a stage should fail within one,
+    naming the server (the user's own MLFLOW_HTTP_REQUEST_* settings win). Exported, so that child
+    processes using MLflow's client inherit them."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    for var, value in (
+        ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", params.mlflow.http_retries),
+        ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", params.mlflow.http_backoff_s),
+        ("MLFLOW_HTTP_REQUEST_TIMEOUT", params.mlflow.http_timeout_s),
+    ):
+        os.environ.setdefault(var, str(value))
+
+
 CONNECTED: list[str] = []  # the stores this process connected to, for messages that name them
 
 
@@ -223,15 +260,7 @@ def connect(params: Params, root: Path) -> Store:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri(params, root)
     CONNECTED.append(uri)
-    if uri.startswith(("http://", "https://")):
-        # MLflow's defaults retry a dead server for about four minutes; a stage should fail within one,
-        # naming the server (the user's own MLFLOW_HTTP_REQUEST_* settings win).
-        for var, value in (
-            ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", params.mlflow.http_retries),
-            ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", params.mlflow.http_backoff_s),
-            ("MLFLOW_HTTP_REQUEST_TIMEOUT", params.mlflow.http_timeout_s),
-        ):
-            os.environ.setdefault(var, str(value))
+    http_defaults(params, uri)
     with _environment_kept("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)

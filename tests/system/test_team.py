@@ -148,6 +148,20 @@ def test_the_pipeline_runs_on_shared_services_and_the_registry_reads_back_over_r
     run_tags = {t["key"]: t["value"] for t in mlflow_run["data"]["tags"]}
     assert run_tags["tollgate.data_version"] == manifest["data_version"]
     assert version["source"].startswith("models:/") or version["source"].startswith("mlflow-artifacts:")
+    # what a serving replica reads over REST without MLflow's client is what MLflow's client reads
+    from mlflow import MlflowClient
+
+    from pipeline.registry.reader import RestReads
+    from pipeline.registry.store import Store
+
+    lean = RestReads(stack.mlflow_url, 30)
+    client = Store(stack.mlflow_url, "", MlflowClient(stack.mlflow_url))
+    for alias in ("champion", "challenger", "canary"):
+        assert lean.version(NAME, alias) == client.version(NAME, alias), alias
+    assert lean.version("no-such-model", "champion") is None
+    assert lean.model_tags(NAME) == client.model_tags(NAME) and lean.model_tags("no-such-model") == {}
+    uri = f"models:/{NAME}/1"
+    assert lean.location(uri) == client.location(uri)
     # the artifacts went through the server's proxy into the bucket
     stored = _bucket(stack, "mlartifacts/")
     assert any(k.endswith("/model.pt") for k in stored) and any(k.endswith("/MLmodel") for k in stored)
