@@ -69,7 +69,7 @@ def _serve(args, params: Params, root: Path) -> int:
     from pipeline.release.rollout import startup
     from pipeline.serving.app import serve
 
-    serve(params, root, args.host, args.port, args.model_uri, lambda store: startup(store, params, root))
+    serve(params, root, args.host, args.port, args.model_uri, lambda reads: startup(reads, params, root))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 `@champion` and the versions the servers answer with must never disagree. Under the promotion guard
 (pipeline/release/guard.py: one promotion per model across every machine sharing the registry) and this
-checkout's file lock (which a starting server also takes, see `server_startup`), a move goes:
+checkout's file lock (which a starting server also takes, see `rollout.startup`), a move goes:
 
 1. finish or undo whatever a killed promotion of this checkout left (its intent record, below);
 2. re-read @champion: a promotion whose gate compared against another champion is fenced ("champion moved
@@ -84,14 +84,9 @@ def lock(root: Path, params: Params) -> Iterator[None]:
         raise PromotionError(f"another promotion holds {paths.PROMOTE_LOCK}; gave up waiting") from None
 
 
-@contextlib.contextmanager
-def server_startup(store: Store, params: Params, root: Path) -> Iterator[None]:
-    """What a champion-following server of this checkout starts under: the promotion lock, after finishing
-    any promotion a killed process left half-done, so no promotion can slip between what it loads and
-    when promotion can find it. The CLI composes it around the server, which knows nothing of promotion."""
-    with lock(root, params):
-        recover(store, params, root)
-        yield
+def interrupted(root: Path) -> bool:
+    """A promotion's process died between moving @champion and finishing (`recover` has work)."""
+    return _intent(root).exists()
 
 
 def _serves(url: str, name: str, version: str | None, deadline: float) -> str | None:

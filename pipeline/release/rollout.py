@@ -23,6 +23,8 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,17 +34,17 @@ from pipeline.core import failpoints
 from pipeline.core.config import Params
 from pipeline.core.notify import notify
 from pipeline.evaluation import canary as analysis
-from pipeline.registry.store import CANARY, CANARY_WEIGHT, CHAMPION, Store
+from pipeline.registry.store import CANARY, CANARY_WEIGHT, CHAMPION, Reads, Store
 from pipeline.release import guard
 from pipeline.release.promote import (
     UNCHECKED,
     Fenced,
     PromotionError,
     direct,
+    interrupted,
     lock,
     recover,
     replicas,
-    server_startup,
 )
 from pipeline.release.promote import _release as release_champion
 from pipeline.release.promote import _smoke as smoke_check
@@ -102,7 +104,7 @@ class Rollout:
         return cls(**{**raw, "driver": Driver(**raw["driver"])})
 
 
-def current(store: Store, name: str) -> Rollout | None:
+def current(store: Reads, name: str) -> Rollout | None:
     text = store.model_tags(name).get(STATE)
     return Rollout.load(text) if text else None
 
@@ -372,21 +374,40 @@ def resume(store: Store, params: Params, root: Path) -> Promotion:
     return steps(store, params, root, rollout)
 
 
+def _abandoned(store: Reads, name: str) -> Rollout | None:
+    """The rollout in progress when its driver was a process of this machine that is dead."""
+    rollout = current(store, name)
+    return rollout if rollout is not None and rollout.driver.alive() is False else None
+
+
 def abandoned(store: Store, params: Params, root: Path) -> str | None:
     """A rollout whose driver on this machine is dead is rolled back (what a server start does); returns
     what was done."""
-    rollout = current(store, params.registry.model_name)
-    if rollout is None or rollout.driver.alive() is not False:
+    rollout = _abandoned(store, params.registry.model_name)
+    if rollout is None:
         return None
     why = f"its promoting process (pid {rollout.driver.pid}) died; rolled back when a server started"
     return abort(store, params, root, rollout, why, wait=False).reason
 
 
+def recover_for_server(store: Store, params: Params, root: Path) -> None:
+    """What a server start repairs, under the promotion lock: a promotion a killed process left half-done
+    is finished or undone, an abandoned rollout rolled back."""
+    recover(store, params, root)
+    abandoned(store, params, root)
+
+
 @contextlib.contextmanager
-def startup(store: Store, params: Params, root: Path) -> Iterator[None]:
-    """What `tollgate serve` starts under: promotion's server start-up, and no abandoned rollout."""
-    with server_startup(store, params, root):
-        abandoned(store, params, root)
+def startup(reads: Reads, params: Params, root: Path) -> Iterator[None]:
+    """What a champion-following `tollgate serve` starts under: the promotion lock (no promotion can slip
+    between what it loads and when promotion can find it), once `recover_for_server` found nothing to
+    repair. Repairs are rare and they write, so a child process makes them with MLflow's client, and a
+    replica with nothing to repair never loads it."""
+    with lock(root, params):
+        if interrupted(root) or _abandoned(reads, params.registry.model_name):
+            done = subprocess.run([sys.executable, "-m", __name__], cwd=root)
+            if done.returncode != 0:
+                raise PromotionError(f"repairing the registry before serving failed (exit {done.returncode})")
         yield
 
 
@@ -411,3 +432,13 @@ def status(store: Store, params: Params, root: Path) -> str:
     for check in analysis.analyse(variants, cfg).checks:
         lines.append(f"  {'ok  ' if check.passed else 'FAIL'} {check.name}: {check.detail}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # `startup`'s child: in the checkout, while its parent holds the lock
+    from pipeline.core import paths
+    from pipeline.core.config import load_params
+    from pipeline.registry.store import connect
+
+    here = Path.cwd()
+    settings = load_params(here / paths.PARAMS)
+    recover_for_server(connect(settings, here), settings, here)

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from pipeline.core.config import Params
-from pipeline.registry.store import CANARY, CHALLENGER, CHAMPION, Store
+from pipeline.registry.store import CANARY, CHALLENGER, CHAMPION, Reads
 from pipeline.serving.batching import Batcher, ModelSlot, NoModel
 from pipeline.serving.context import ServerContext
 from pipeline.serving.follow import follow, sync_canary
@@ -187,29 +187,30 @@ def serve(
     host: str | None = None,
     port: int | None = None,
     model_uri: str | None = None,
-    startup: Callable[[Store], AbstractContextManager] | None = None,
+    startup: Callable[[Reads], AbstractContextManager] | None = None,
 ) -> None:
     """Serve @champion (or one pinned model) until interrupted.
 
     Only the champion-following server publishes its address and admin token (`.tollgate/server.json`),
-    and only once it listens. It loads @champion and publishes inside `startup(store)`: the CLI passes the
+    and only once it listens. It loads @champion and publishes inside `startup(reads)`: the CLI passes the
     promotion lock with recovery of a killed promotion, so no promotion can slip between what the server
-    loads and when promotion can find it."""
+    loads and when promotion can find it. The registry is read by `pipeline.registry.reader`: mlflow is
+    never imported here, so a replica does not carry its tracking stack."""
     import uvicorn
 
-    from pipeline.registry.store import connect
+    from pipeline.registry.reader import reader
     from pipeline.serving import state
     from pipeline.serving.transport import timed_protocol
 
     cfg = params.serve
-    store = connect(params, root)
-    slot = ModelSlot(store, params.registry.model_name, model_uri, runtime=cfg.runtime, threads=cfg.threads)
+    reads = reader(params, root)
+    slot = ModelSlot(reads, params.registry.model_name, model_uri, runtime=cfg.runtime, threads=cfg.threads)
     token = os.environ.get("TOLLGATE_ADMIN_TOKEN") or secrets.token_urlsafe(24)
     feedback_token = feedback_token_from_env()
     sock = _bind(host or cfg.host, cfg.port if port is None else port)
     url = f"http://{url_host(host or cfg.host)}:{sock.getsockname()[1]}"
     follows, me = model_uri is None, os.getpid()
-    with startup(store) if follows and startup else contextlib.nullcontext():
+    with startup(reads) if follows and startup else contextlib.nullcontext():
         _load_first(slot, url)
         if follows:
             state.publish(root, state.this_process(url, token, feedback_token))

@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.core import failpoints
 from pipeline.core.config import ServeConfig
 from pipeline.monitoring import drift
-from pipeline.registry.store import CHAMPION, Store
+from pipeline.registry.store import CHAMPION, Reads
 from pipeline.serving import served as served_model
 from pipeline.serving.prometheus import Metrics
 from pipeline.serving.served import Served
@@ -35,7 +35,7 @@ class ModelSlot:
     version whose folder names a gated ONNX artefact (`pipeline.training.runtimes`) is answered by ONNX
     Runtime on `threads` threads."""
 
-    def __init__(self, store: Store, name: str, model_uri: str | None = None, alias: str = CHAMPION,
+    def __init__(self, store: Reads, name: str, model_uri: str | None = None, alias: str = CHAMPION,
                  runtime: str = runtimes.TORCH, threads: int = 0):  # fmt: skip
         self.store = store
         self.name = name

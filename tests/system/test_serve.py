@@ -7,6 +7,7 @@ import math
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ def project(two_versions):
 
 @pytest.fixture(scope="module")
 def server(project):
-    srv = Server(project)
+    srv = Server(project, {"PYTHONPROFILEIMPORTTIME": "1"})  # its log names every module it imports
     yield srv
     srv.stop()
 
@@ -308,6 +309,21 @@ def test_reload_under_load_drops_no_request_and_reports_the_new_version(server, 
     versions = [v for _, v in results]
     assert {"1", "2"} <= set(versions)
     assert http("GET", f"{server.url}/v2/models/{NAME}")[1]["versions"] == ["1"]
+
+
+def test_the_server_process_never_imports_mlflow(server, project, test_split):
+    """Replicas multiply a server's memory, and MLflow's client is ~170 MB of it: the server reads the
+    registry without it, through loading, two reloads by promotion and requests."""
+    served = http("GET", f"{server.url}/v2/models/{NAME}")[1]["versions"]
+    run(["tollgate", "rollback"], cwd=project)  # @champion to @previous: the server reloads
+    run(["tollgate", "rollback"], cwd=project)  # and back
+    body = _json({"inputs": np.asarray(test_split.x[:2]).tolist()})
+    assert http("POST", server.url + "/invocations", body, JSON)[0] == 200
+    assert http("GET", f"{server.url}/v2/models/{NAME}")[1]["versions"] == served
+    trace = Path(server.log.name).read_text().splitlines()
+    imported = {line.rsplit("|", 1)[1].strip() for line in trace if line.startswith("import time:")}
+    assert {"pipeline.serving.app", "pipeline.registry.reader", "torch"} <= imported  # the trace is whole
+    assert not {m for m in imported if m.split(".")[0] == "mlflow"}
 
 
 def test_kserve_target_writes_an_inference_service_for_the_champion(project):
