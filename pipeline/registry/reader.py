@@ -10,7 +10,8 @@ So a replica reads them where MLflow keeps them:
   (another MLflow) is found at connection and answered by MLflow's client instead;
 - a tracking server (`http(s)://`): the REST endpoints MLflow's own client calls, with its credentials
   (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME/PASSWORD) and TLS settings;
-- any other store (a database URI given directly): MLflow's client (`store.connect`).
+- any other store (a database URI given directly, Databricks), or a server that wants what only MLflow's
+  client speaks (an auth plugin, a client certificate: `CLIENT_ONLY`): MLflow's client (`store.connect`).
 
 A model folder on this machine's disk is copied; one anywhere else (S3, a server's proxied artifacts) is
 fetched by a short-lived child process with MLflow's own client, so MLflow's code reads every artifact
@@ -49,13 +50,15 @@ from pipeline.registry.store import (
 _DEFAULT_WORKSPACE = "default"  # MLflow's rows outside any workspace (mlflow.utils.workspace_utils)
 _DELETED = "Deleted_Internal"  # a model version MLflow deleted but keeps (current_stage)
 _SQLITE = "sqlite:///"
+# MLflow client settings that this module does not speak: with any of them set, MLflow's client reads
+CLIENT_ONLY = ("MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_CLIENT_CERT_PATH")
 
 
 def reader(params: Params, root: Path) -> Reads:
     """The lean reader of the project's store, or MLflow's client where there is none."""
     uri = tracking_uri(params, root)
     http_defaults(params, uri)
-    if uri.startswith(("http://", "https://")):
+    if uri.startswith(("http://", "https://")) and not any(os.environ.get(var) for var in CLIENT_ONLY):
         return RestReads(uri, params.mlflow.http_timeout_s)
     if uri.startswith(_SQLITE):
         sqlite = SqliteReads(uri, params.mlflow.http_timeout_s)

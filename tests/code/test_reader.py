@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.registry.reader import SqliteReads, reader
+from pipeline.registry.reader import CLIENT_ONLY, RestReads, SqliteReads, reader
 from pipeline.registry.store import CANARY_WEIGHT, Store, connect
 from pipeline.training.model_folder import MLFLOW_ARTIFACT
 from tests.support import shipped_params
@@ -111,3 +111,14 @@ def test_before_the_first_run_there_is_no_database_and_no_model(tmp_path, monkey
     assert isinstance(lean, SqliteReads)
     assert lean.version(NAME, "champion") is None and lean.model_tags(NAME) == {}
     assert not (tmp_path / "mlflow.db").exists()  # reading made nothing
+
+
+@pytest.mark.parametrize("setting", CLIENT_ONLY)
+def test_a_server_wanting_what_only_mlflows_client_speaks_is_read_by_it(setting, tmp_path, monkeypatch):
+    """An auth plugin or a client certificate: the REST reader would be refused, MLflow's client is not.
+    (Connecting to a server does not reach it until a read: the server need not exist here.)"""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert isinstance(reader(shipped_params(), tmp_path), RestReads)
+    monkeypatch.setenv(setting, "something")
+    monkeypatch.setattr("pipeline.registry.reader.connect", lambda params, root: "mlflow's client")
+    assert reader(shipped_params(), tmp_path) == "mlflow's client"
