@@ -6,12 +6,15 @@ verified like any promotion."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 import time
 
+import psutil
 import pytest
 
-from tests.support import Server, http, make_project, model_client, run
+from tests.support import Server, http, make_project, model_client, run, tool_env
 
 pytestmark = pytest.mark.slow
 NAME = "tollgate-classifier"
@@ -70,17 +73,45 @@ def test_an_experiment_registers_its_version_and_leaves_production_alone(project
     run(["git", "checkout", "--", "."], cwd=project)  # the workspace back to the committed baseline
 
 
+def _start_queue(project) -> None:
+    """`dvc queue start`, its output to a file: the worker it leaves running inherits the command's output,
+    so through a pipe the command would not return until the worker exits. That worker's own monitor
+    thread, which stops it once the queue is empty, can die on a half-written message file of kombu's
+    filesystem transport (seen here: JSONDecodeError; treeverse/dvc#10398, #10428, open), and then it
+    never exits."""
+    with open(project / "queue-start.log", "w") as log:
+        subprocess.run(["dvc", "queue", "start", "-j", "1"], cwd=project, env=tool_env(project),
+                       stdout=log, stderr=subprocess.STDOUT, check=True)  # fmt: skip
+
+
+def _stop_queue(project) -> None:
+    """`dvc queue stop`, then the worker this test started, by the pid DVC recorded, if it is still up."""
+    run(["dvc", "queue", "stop"], cwd=project, check=False)
+    for pid_file in (project / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
+        with contextlib.suppress(ValueError, psutil.Error):  # gone already
+            worker = psutil.Process(int(pid_file.read_text().split()[0]))
+            if "queue-worker" not in " ".join(worker.cmdline()):
+                continue  # the pid is someone else's by now
+            try:
+                worker.wait(timeout=60)
+            except psutil.TimeoutExpired:
+                worker.kill()
+
+
 def test_a_queued_experiment_runs_in_a_copy_and_records_into_the_projects_registry(project, server):
     run(["dvc", "exp", "run", "--queue", "-n", "queued-run", "-S", "train.epochs=14"], cwd=project)
-    run(["dvc", "queue", "start", "-j", "1"], cwd=project)
-    deadline = time.monotonic() + 900
-    while True:
-        status = run(["dvc", "queue", "status"], cwd=project).stdout
-        line = next((ln for ln in status.splitlines() if "queued-run" in ln), "")
-        if "Success" in line or "Failed" in line:
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
+    _start_queue(project)
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            status = run(["dvc", "queue", "status"], cwd=project).stdout
+            line = next((ln for ln in status.splitlines() if "queued-run" in ln), "")
+            if "Success" in line or "Failed" in line:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(2)
+    finally:
+        _stop_queue(project)
     logs = run(["dvc", "queue", "logs", "queued-run"], cwd=project, check=False).stdout
     assert "Success" in line, logs
     mv = _of_experiment(project, "queued-run")  # in the project's own mlflow.db, not the copy's
@@ -88,7 +119,6 @@ def test_a_queued_experiment_runs_in_a_copy_and_records_into_the_projects_regist
     assert _alias(project, "exp-queued-run") == str(mv.version)
     assert _alias(project, "champion") == "1" and _served(server) == ["1"]
     assert not (project / ".dvc" / "tmp" / "exps" / "mlflow.db").exists()
-    run(["dvc", "queue", "stop"], cwd=project, check=False)
 
 
 def test_promoting_an_experiments_version_on_purpose_is_verified_like_any_promotion(project, server):
