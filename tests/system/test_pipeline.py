@@ -66,6 +66,7 @@ def test_cold_run_registers_and_promotes_version_1_with_lineage(cold_project, pr
     # a short tag; the table is in the description. The latency check only warns, and may on a busy machine
     verdict = Verdict.load(project / paths.GATE_REPORT)
     assert verdict.passed and mv.tags["gate"] == verdict.summary()
+    assert all("latency" in warning for warning in verdict.warnings)  # machine-dependent, and only that
     for check in (
         "accuracy",
         "macro_f1",
@@ -94,7 +95,7 @@ def test_cold_run_registers_and_promotes_version_1_with_lineage(cold_project, pr
     )
     assert len(client.get_metric_history(mv.run_id, "val_accuracy")) == epochs
     assert mlflow_run.data.tags["tollgate.data_version"] == manifest["data_version"]
-    assert mlflow_run.data.tags["tollgate.gate"] == "passed"
+    assert mlflow_run.data.tags["tollgate.gate"] == verdict.summary()  # "passed", or warned on latency
     logged = {a.path for a in client.list_artifacts(mv.run_id, "evaluation")}
     assert {"evaluation/gate.md", "evaluation/confusion_matrix.png"} <= logged
     # the registered files are readable by an MLflow or KServe server running as another user
