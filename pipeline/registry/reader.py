@@ -32,7 +32,6 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from abc import abstractmethod
 from pathlib import Path
 
 from pipeline.core.config import Params
@@ -74,10 +73,6 @@ class _LeanReads(Reads):
 
     uri: str
 
-    @abstractmethod
-    def download_uri(self, name: str, version: str) -> str:
-        """Where version `version` of `name` keeps its files (MLflow's `get_model_version_download_uri`)."""
-
     def download_model_dir(self, uri: str, dst: Path) -> Path:
         base = self.location(uri)
         local = _local_path(base)
@@ -86,13 +81,6 @@ class _LeanReads(Reads):
         folder = local / weights_path((local / "MLmodel").read_text())
         shutil.copytree(folder, dst / folder.name)
         return dst / folder.name
-
-    def location(self, uri: str) -> str:
-        """Where a model's files are: a registry URI `models:/<name>/<version>` resolved, else `uri`."""
-        if not uri.startswith("models:/") or "@" in uri:
-            return uri
-        name, version = uri.removeprefix("models:/").rsplit("/", 1)
-        return self.download_uri(name, version)
 
 
 class SqliteReads(_LeanReads):

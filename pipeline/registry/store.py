@@ -79,6 +79,17 @@ class Reads(ABC):
         """The registered model's own tags (empty when the model does not exist yet)."""
 
     @abstractmethod
+    def download_uri(self, name: str, version: str) -> str:
+        """Where version `version` of `name` keeps its files (MLflow's `get_model_version_download_uri`)."""
+
+    def location(self, uri: str) -> str:
+        """Where a model's files are: a registry URI `models:/<name>/<version>` resolved, else `uri`."""
+        if not uri.startswith("models:/") or "@" in uri:
+            return uri
+        name, version = uri.removeprefix("models:/").rsplit("/", 1)
+        return self.download_uri(name, version)
+
+    @abstractmethod
     def download_model_dir(self, uri: str, dst: Path) -> Path:
         """Fetch the weights + metadata folder of an MLflow-format model (a registry URI, or any artifact
         URI of a logged model) into `dst`: no pyfunc load, no pickle."""
@@ -136,12 +147,8 @@ class Store(Reads):
         else:
             self.client.set_registered_model_alias(name, alias, version)
 
-    def location(self, uri: str) -> str:
-        """Where a model's files are: a registry URI resolved to its artifact location, else `uri`."""
-        if uri.startswith("models:/") and "@" not in uri:
-            name, version = uri.removeprefix("models:/").rsplit("/", 1)
-            return self.client.get_model_version_download_uri(name, version)
-        return uri
+    def download_uri(self, name: str, version: str) -> str:
+        return self.client.get_model_version_download_uri(name, version)
 
     def download_model_dir(self, uri: str, dst: Path) -> Path:
         import mlflow
