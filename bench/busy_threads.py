@@ -1,7 +1,9 @@
 """Training on a busy machine: a small CNN's training steps per second at 1 and 2 torch threads, with
-OpenMP's default (spinning) waits and with OMP_WAIT_POLICY=PASSIVE (for shared machines: docs/training.md),
-on a quiet machine and beside two CPU-bound busy loops this script starts and stops itself. Each arm
-is a fresh process (OpenMP reads the policy when torch loads), 8 s of steps after a warm-up.
+OpenMP's default (spinning) waits and with OMP_WAIT_POLICY=PASSIVE (what `train.wait_policy: auto` picks
+on a busy machine: docs/training.md), on a quiet machine, beside two CPU-bound busy loops, and beside
+another training with the same settings (two trainings on one machine, each running the arm; the figure
+is their sum). Each arm is a fresh process (OpenMP reads the policy when torch loads), 8 s of steps
+after a warm-up.
 
     .venv/bin/python bench/busy_threads.py
 """
@@ -34,18 +36,24 @@ print(n / (time.perf_counter() - start))
 """
 
 
-def _steps_per_s(threads: int, policy: str | None) -> float:
+def _arm(threads: int, policy: str | None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if policy:
         env["OMP_WAIT_POLICY"] = policy
-    out = subprocess.run([sys.executable, "-c", ARM, str(threads)], env=env, capture_output=True, text=True)
-    return float(out.stdout.strip())
+    return subprocess.Popen(
+        [sys.executable, "-c", ARM, str(threads)], env=env, stdout=subprocess.PIPE, text=True
+    )
 
 
-def _table(label: str) -> None:
+def _steps_per_s(threads: int, policy: str | None, side_by_side: int) -> float:
+    arms = [_arm(threads, policy) for _ in range(side_by_side)]
+    return sum(float(arm.communicate()[0].strip()) for arm in arms)
+
+
+def _table(label: str, side_by_side: int = 1) -> None:
     for threads in (1, 2):
         for policy in (None, "PASSIVE"):
-            rate = _steps_per_s(threads, policy)
+            rate = _steps_per_s(threads, policy, side_by_side)
             print(f"| {label} | {threads} | {policy or 'default (spin)'} | {rate:.1f} |", flush=True)
 
 
@@ -60,6 +68,7 @@ def main() -> None:
         for proc in busy:
             proc.kill()
             proc.wait()
+    _table("2 trainings (sum)", side_by_side=2)
 
 
 if __name__ == "__main__":

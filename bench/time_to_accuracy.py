@@ -27,10 +27,8 @@ from pipeline.core.config import load_profile  # noqa: E402
 from tests.support import (  # noqa: E402
     MNIST_FILES,
     ROOT,
-    link_source_files,
-    make_project,
+    profile_project,
     run,
-    set_param,
     tool_env,
 )
 
@@ -86,10 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     overrides = load_profile(args.profile, ROOT / "params.yaml")
     with tempfile.TemporaryDirectory() as tmp:
-        project = make_project(Path(tmp) / "project")
-        for key, value in overrides.items():
-            set_param(project, key, value)
-        link_source_files(project / "data" / "raw", overrides["data.source"], args.files)
+        project = profile_project(Path(tmp) / "project", overrides, args.files)
         run(["tollgate", "prepare"], cwd=project)
         run(["tollgate", "validate"], cwd=project)
         start = time.perf_counter()

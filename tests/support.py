@@ -92,6 +92,16 @@ def make_project(dst: Path) -> Path:
     return dst
 
 
+def profile_project(dst: Path, overrides: dict, files: Path) -> Path:
+    """A fresh project with a params profile's overrides in params.yaml and its source's original files
+    linked in, as a user who applied the profile would have it."""
+    project = make_project(dst)
+    for key, value in overrides.items():
+        set_param(project, key, value)
+    link_source_files(project / "data" / "raw", overrides["data.source"], files)
+    return project
+
+
 def two_version_project(dst: Path) -> Path:
     """A fresh project after two pipeline runs: v2 (13 epochs) @champion, v1 @previous."""
     project = make_project(dst)

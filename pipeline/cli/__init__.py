@@ -211,6 +211,11 @@ def _stage(args, params: Params, root: Path) -> int:
         return _promote(args, params, root)
     from pipeline import stages
 
+    if args.command == "train":  # before the stage loads torch, whose OpenMP reads the policy once
+        from pipeline.training import waits
+
+        t = params.train
+        stages.log(waits.apply(t.wait_policy, t.threads, t.nproc_per_node))
     stages.run(args.command, params, root)
     return 0
 

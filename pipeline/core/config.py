@@ -109,6 +109,7 @@ class TrainConfig(_Section):
     compile: bool
     deterministic: bool
     threads: int = Field(ge=0)
+    wait_policy: Literal["auto", "spin", "passive"]
     in_memory_mb: int = Field(ge=0)
     loader_workers: int = Field(ge=0)
     nproc_per_node: int = Field(ge=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,57 @@ def test_calibration_brings_a_smoothed_model_back_to_its_accuracy_and_keeps_ever
     model_io.save(calibrated.model, meta, tmp_path)
     reloaded, _ = model_io.load(tmp_path)
     assert float(reloaded.temperature) == pytest.approx(t)  # saved with the weights: every runtime divides
+
+
+
+def test_auto_waits_passively_once_the_load_leaves_fewer_free_cores_than_torch_threads():
+    from pipeline.training.waits import choose
+
+    assert choose("auto", threads=2, cores=2, load=0.3) is None  # a stage before it: still 2 free cores
+    assert choose("auto", threads=2, cores=2, load=0.6) == "PASSIVE"
+    assert choose("auto", threads=1, cores=2, load=0.9) is None
+    assert choose("auto", threads=8, cores=16, load=6.0) is None
+    assert choose("auto", threads=16, cores=16, load=2.0) == "PASSIVE"
+    assert choose("spin", threads=2, cores=2, load=9.0) is None
+    assert choose("passive", threads=1, cores=16, load=0.0) == "PASSIVE"
+
+
+@pytest.mark.parametrize(("policy", "spin_count"), [("passive", "0"), ("spin", "300000")])
+def test_the_wait_policy_is_set_before_torch_loads_and_openmp_takes_it(policy, spin_count):
+    """The spin count is what OpenMP itself reports (OMP_DISPLAY_ENV) once torch has loaded: 0 is passive,
+    300000 its default."""
+    import subprocess
+    import sys
+
+    from pipeline.training import waits
+
+    child = (
+        f"from pipeline.training import waits; print(waits.apply({policy!r}, 2, 1)); import torch; "
+        "torch.ones(64, 64) @ torch.ones(64, 64)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != waits.ENV} | {"OMP_DISPLAY_ENV": "VERBOSE"}
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True)
+    assert f"GOMP_SPINCOUNT = '{spin_count}'" in proc.stderr
+    said = {"passive": "torch threads wait passively", "spin": "torch threads spin"}[policy]
+    assert proc.stdout.startswith(said)
+
+
+def test_an_omp_wait_policy_in_the_environment_wins_and_a_late_call_says_it_is_late():
+    import subprocess
+    import sys
+
+    child = "from pipeline.training import waits; print(waits.apply('passive', 2, 1)); import torch"
+    env = dict(os.environ, OMP_WAIT_POLICY="ACTIVE", OMP_DISPLAY_ENV="VERBOSE")
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True)
+    assert "GOMP_SPINCOUNT = '30000000000'" in proc.stderr  # ACTIVE, as the user said
+    assert "OMP_WAIT_POLICY=ACTIVE says (set in the environment)" in proc.stdout
+    from pipeline.training import waits  # this process has torch already
+
+    before = os.environ.get(waits.ENV)
+    os.environ.pop(waits.ENV, None)
+    try:
+        assert "torch was loaded before" in waits.apply("passive", 2, 1)
+        assert waits.ENV not in os.environ
+    finally:
+        if before is not None:
+            os.environ[waits.ENV] = before

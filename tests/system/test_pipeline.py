@@ -53,6 +53,7 @@ def _two_versions(project):
 def test_cold_run_registers_and_promotes_version_1_with_lineage(cold_project, project):
     for stage in ("prepare", "train", "evaluate", "register", "promote"):
         assert f"Running stage '{stage}'" in cold_project["output"]
+    assert "[tollgate] torch threads " in cold_project["output"]  # train chose its OpenMP wait policy
     assert _versions(project) == [1]
     assert _alias(project, "champion") == "1" and _alias(project, "challenger") == "1"
 

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.core import paths
 from pipeline.core.config import load_profile
-from tests.support import MNIST_FILES, ROOT, link_source_files, make_project, run, set_param
+from tests.support import MNIST_FILES, ROOT, profile_project, run
 
 pytestmark = pytest.mark.slow
 FILES = {"mnist": MNIST_FILES}  # where this machine keeps each source's original files
@@ -24,10 +24,7 @@ def test_a_shipped_profile_passes_the_gate(profile, tmp_path):
     files = FILES.get(source)
     if files is None or not files.is_dir():
         pytest.skip(f"{profile.name} needs the {source} files, which this machine does not have")
-    project = make_project(tmp_path / "project")
-    for key, value in overrides.items():
-        set_param(project, key, value)
-    link_source_files(project / "data" / "raw", source, files)
+    project = profile_project(tmp_path / "project", overrides, files)
     for stage in ("prepare", "validate", "train", "evaluate"):
         run(["tollgate", stage], cwd=project)
     verdict = json.loads((project / paths.GATE_REPORT).read_text())
