@@ -3,6 +3,7 @@ real `tollgate serve` process."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -90,6 +91,24 @@ def make_project(dst: Path) -> Path:
     subprocess.run([*git, "add", "-A"], cwd=dst, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "fresh clone"], cwd=dst, check=True)
     return dst
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 180.0) -> None:
+    """SIGTERM to a process this test started, then SIGKILL to it and its descendants if any of them is
+    still up after `grace` seconds: a clean shutdown may take minutes on a loaded machine, and one that
+    never comes (a Prefect worker whose inner worker sat on the forwarded SIGINT) must not stay behind."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    proc.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    proc.wait(timeout=grace)
 
 
 def profile_project(dst: Path, overrides: dict, files: Path) -> Path:
@@ -195,8 +214,7 @@ class Server:
         return ["tollgate", "serve", "--port", str(self.port), *self.args]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        stop_process(self.proc)
         self.log.close()
 
 

@@ -4,7 +4,7 @@ once, when its library loads, and keeps it for the process.
 OpenMP's default lets an idle thread spin for a while before it sleeps. On free cores that is the fastest
 way to start the next parallel region; when other processes want the same cores, the spinning threads
 burn the time slices the working thread needs (docs/benchmarks.md, `bench/busy_threads.py`). Passive
-waits cost 25-35 % on a quiet machine, so `auto` picks them only when the machine is busy as the stage
+waits cost 16-35 % on a quiet machine, so `auto` picks them only when the machine is busy as the stage
 starts: when the 1-minute load average leaves fewer free cores than torch has threads.
 """
 

@@ -167,24 +167,43 @@ def test_auto_waits_passively_once_the_load_leaves_fewer_free_cores_than_torch_t
     assert choose("passive", threads=1, cores=16, load=0.0) == "PASSIVE"
 
 
-@pytest.mark.parametrize(("policy", "spin_count"), [("passive", "0"), ("spin", "300000")])
-def test_the_wait_policy_is_set_before_torch_loads_and_openmp_takes_it(policy, spin_count):
-    """The spin count is what OpenMP itself reports (OMP_DISPLAY_ENV) once torch has loaded: 0 is passive,
-    300000 its default."""
+def test_the_wait_policy_is_set_before_torch_loads_openmp_takes_it_and_the_weights_do_not_change(
+    prepared_digits,
+):
+    """Each policy in a fresh process, as the stage runs: OpenMP's own report (OMP_DISPLAY_ENV) once torch
+    has loaded gives the spin count (0 is passive, 300000 its default), and two threads trained under
+    either give the same weights to the bit: how idle threads wait is not arithmetic."""
     import subprocess
     import sys
 
     from pipeline.training import waits
+    from tests.support import ROOT
 
-    child = (
-        f"from pipeline.training import waits; print(waits.apply({policy!r}, 2, 1)); import torch; "
-        "torch.ones(64, 64) @ torch.ones(64, 64)"
-    )
+    child = f"""
+import hashlib, sys
+from pipeline.training import waits
+print(waits.apply(sys.argv[1], 2, 1))
+from pipeline.data.prepared import load_split, read_manifest
+from pipeline.training import model as model_io
+from pipeline.training.loop import train
+from tests.support import config
+p = {str(prepared_digits)!r}
+meta = model_io.make_meta("small_cnn", 8, read_manifest(p))
+splits = load_split(p, "train"), load_split(p, "val")
+r = train(config("train", width=8, epochs=2, threads=2), 0, *splits, meta)
+print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in r.model.state_dict().values())).hexdigest())
+"""
     env = {k: v for k, v in os.environ.items() if k != waits.ENV} | {"OMP_DISPLAY_ENV": "VERBOSE"}
-    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True)
-    assert f"GOMP_SPINCOUNT = '{spin_count}'" in proc.stderr
-    said = {"passive": "torch threads wait passively", "spin": "torch threads spin"}[policy]
-    assert proc.stdout.startswith(said)
+    weights = {}
+    for policy, spin_count, said in [("passive", "0", "torch threads wait passively"),
+                                     ("spin", "300000", "torch threads spin")]:  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", child, policy], cwd=ROOT, env=env, capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        assert f"GOMP_SPINCOUNT = '{spin_count}'" in proc.stderr
+        told, digest = proc.stdout.splitlines()[0], proc.stdout.splitlines()[-1]
+        assert told.startswith(said)
+        weights[policy] = digest
+    assert weights["passive"] == weights["spin"]
 
 
 def test_an_omp_wait_policy_in_the_environment_wins_and_a_late_call_says_it_is_late():

@@ -31,6 +31,7 @@ from tests.support import (
     make_project,
     run,
     set_param,
+    stop_process,
     tool_env,
     write_image,
     write_image_folder,
@@ -302,8 +303,7 @@ def test_a_worker_in_an_empty_directory_runs_the_team_deployment_to_a_new_champi
         clone = deployment.pull_steps[0]["prefect.deployments.steps.git_clone"]
         assert clone["repository"] == str(origin["bare"])  # resolved at deploy time
     finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+        stop_process(worker)
         log.close()
 
 
