@@ -2,7 +2,7 @@
 
 A champion-following `tollgate serve` reads three things, every `serve.follow_interval_s`: the version
 behind an alias, the registered model's tags (canary weight, rollout state) and, when a version changes,
-its model folder. Through MLflow's client that costs the client itself in every replica: ~170 MB resident
+its model folder. Through MLflow's client that costs the client itself in every replica: ~160 MB resident
 (the tracking stack, SQLAlchemy, FastAPI through `mlflow.gateway`) and ~2 s of start-up, for three reads.
 So a replica reads them where MLflow keeps them:
 

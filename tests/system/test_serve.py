@@ -312,7 +312,7 @@ def test_reload_under_load_drops_no_request_and_reports_the_new_version(server, 
 
 
 def test_the_server_process_never_imports_mlflow(server, project, test_split):
-    """Replicas multiply a server's memory, and MLflow's client is ~170 MB of it: the server reads the
+    """Replicas multiply a server's memory, and MLflow's client is ~160 MB of it: the server reads the
     registry without it, through loading, two reloads by promotion and requests."""
     served = http("GET", f"{server.url}/v2/models/{NAME}")[1]["versions"]
     run(["tollgate", "rollback"], cwd=project)  # @champion to @previous: the server reloads
