@@ -94,21 +94,24 @@ def make_project(dst: Path) -> Path:
 
 
 def stop_process(proc: subprocess.Popen, grace: float = 180.0) -> None:
-    """SIGTERM to a process this test started, then SIGKILL to it and its descendants if any of them is
-    still up after `grace` seconds: a clean shutdown may take minutes on a loaded machine, and one that
-    never comes (a Prefect worker whose inner worker sat on the forwarded SIGINT) must not stay behind."""
+    """SIGTERM to a process this test started; SIGKILL to it after `grace` seconds (a clean shutdown may
+    take minutes on a loaded machine, and one may never come: a Prefect worker whose inner worker sat on
+    the forwarded SIGINT), and to whatever of its children it left behind."""
     import psutil
 
     try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        family = []
+        children = []
     proc.terminate()
-    _, alive = psutil.wait_procs(family, timeout=grace)
-    for member in alive:
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace)
+    for child in children:
         with contextlib.suppress(psutil.NoSuchProcess):
-            member.kill()
-    proc.wait(timeout=grace)
+            child.kill()
 
 
 def profile_project(dst: Path, overrides: dict, files: Path) -> Path:
