@@ -154,7 +154,6 @@ def test_calibration_brings_a_smoothed_model_back_to_its_accuracy_and_keeps_ever
     assert float(reloaded.temperature) == pytest.approx(t)  # saved with the weights: every runtime divides
 
 
-
 def test_auto_waits_passively_once_the_load_leaves_fewer_free_cores_than_torch_threads():
     from pipeline.training.waits import choose
 

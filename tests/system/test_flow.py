@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from tests.support import make_project, model_client, run, set_param, tool_env
+from tests.support import make_project, model_client, run, set_param, stop_process, tool_env
 
 pytestmark = pytest.mark.slow
 NAME = "tollgate-classifier"
@@ -338,6 +338,5 @@ def test_a_deployment_run_is_picked_up_by_the_served_process(prefect_server, flo
         assert flow_run.state.is_completed(), flow_run.state.message
         assert flow_run.deployment_id is not None and flow_run.state.message  # says what it decided
     finally:
-        served.terminate()
-        served.wait(timeout=60)
+        stop_process(served)
         log.close()

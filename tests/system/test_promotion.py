@@ -21,6 +21,7 @@ from tests.support import (
     model_client,
     run,
     set_param,
+    stop_process,
     tool_env,
     wait_http,
 )
@@ -174,8 +175,7 @@ def test_a_server_starting_during_a_promotion_serves_what_the_promotion_leaves(p
     finally:
         if held.is_locked:
             held.release()
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_process(proc)
 
 
 def test_a_rolled_back_version_is_not_promoted_again_by_the_pipeline(project, server):
