@@ -18,26 +18,33 @@ os.environ.update(tool_env())
 os.umask(0o022)
 
 
-# Modules that share the session's two-version project: one worker builds it once for all of them.
-TWO_VERSIONS = {
-    "test_serve",
-    "test_promotion",
-    "test_replicas",
-    "test_torchserve",
-    "test_clients",
-    "test_readme",
-    "test_canary",
+# Modules that share a session fixture that runs the pipeline, by that fixture: one worker builds it once
+# for all of them.
+SHARED_PROJECTS = {
+    "two_versions": {
+        "test_serve",
+        "test_promotion",
+        "test_replicas",
+        "test_torchserve",
+        "test_clients",
+        "test_readme",
+        "test_canary",
+    },
+    # test_flow compares the flow's outputs with cold_project's: on another worker it would build its own
+    "cold_project": {"test_pipeline", "test_flow"},
 }
+GROUP_OF = {module: group for group, modules in SHARED_PROJECTS.items() for module in modules}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the node ids
 def pytest_collection_modifyitems(items) -> None:
     """Under pytest-xdist (`--dist loadgroup`), a module's tests stay on one worker: their module-scoped
-    fixtures (a project, a server, the team stack) are built once. Everything under tests/system/ is marked
-    `system` (real servers, `dvc repro`): `make test-fast` leaves it out."""
+    fixtures (a project, a server, the team stack) are built once, and so are the session fixtures of
+    SHARED_PROJECTS. Everything under tests/system/ is marked `system` (real servers, `dvc repro`):
+    `make test-fast` leaves it out."""
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
-        item.add_marker(pytest.mark.xdist_group("two_versions" if module in TWO_VERSIONS else module))
+        item.add_marker(pytest.mark.xdist_group(GROUP_OF.get(module, module)))
         if item.module.__name__.startswith("tests.system."):
             item.add_marker(pytest.mark.system)
 
