@@ -222,10 +222,7 @@ def _fetch_in_child(store_uri: str, uri: str, dst: Path) -> Path:
 
 def _fetch(store_uri: str, uri: str, dst: str) -> None:
     """The child's side: MLflow's client downloads the folder; its path is the last line printed."""
-    from mlflow import MlflowClient
-
-    store = Store(store_uri, "", MlflowClient(tracking_uri=store_uri, registry_uri=store_uri))
-    print(store.download_model_dir(uri, Path(dst)), flush=True)
+    print(Store.at(store_uri).download_model_dir(uri, Path(dst)), flush=True)
 
 
 if __name__ == "__main__":

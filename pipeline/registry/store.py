@@ -126,6 +126,15 @@ class Store(Reads):
     experiment_id: str
     client: MlflowClient = field(repr=False, compare=False)
 
+    @classmethod
+    def at(cls, uri: str) -> Store:
+        """The store at `uri`, for reads and downloads (no experiment). Its client is given the registry
+        URI too: given only a tracking URI, MLflow takes a registry URI that this process set earlier
+        (`connect` to another project) over it."""
+        from mlflow import MlflowClient
+
+        return cls(uri, "", MlflowClient(tracking_uri=uri, registry_uri=uri))
+
     def version(self, name: str, alias: str) -> VersionRef | None:
         from mlflow.exceptions import MlflowException
 

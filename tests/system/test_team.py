@@ -150,16 +150,11 @@ def test_the_pipeline_runs_on_shared_services_and_the_registry_reads_back_over_r
     assert run_tags["tollgate.data_version"] == manifest["data_version"]
     assert version["source"].startswith("models:/") or version["source"].startswith("mlflow-artifacts:")
     # what a serving replica reads over REST without MLflow's client is what MLflow's client reads
-    from mlflow import MlflowClient
-
     from pipeline.registry.reader import RestReads
     from pipeline.registry.store import Store
 
-    url = stack.mlflow_url
-    lean = RestReads(url, 30)
-    # both URIs: a registry URI that an earlier test of this worker set in-process (`store.connect`) wins
-    # over the tracking URI in MLflow's resolution, and would read another project's registry
-    client = Store(url, "", MlflowClient(tracking_uri=url, registry_uri=url))
+    lean = RestReads(stack.mlflow_url, 30)
+    client = Store.at(stack.mlflow_url)  # not the registry an earlier test of this worker connected to
     for alias in ("champion", "challenger", "canary"):
         assert lean.version(NAME, alias) == client.version(NAME, alias), alias
     assert lean.version("no-such-model", "champion") is None
