@@ -10,7 +10,7 @@ import numpy as np
 from pipeline.data.images import interpolation_of
 from pipeline.evaluation.verdict import Verdict
 from pipeline.monitoring.drift import wilson_interval
-from pipeline.training.model import backbone_name
+from pipeline.training.model_folder import backbone_name
 
 MISTAKES_PNG = "mistakes.png"  # the picture's name beside the card, in reports/ and in the run's artifacts
 

@@ -28,7 +28,7 @@ from pipeline.release.results import Registration
 from pipeline.release.runtimes import stage as stage_runtimes
 from pipeline.serving.client import Server, free_port
 from pipeline.training import runtimes
-from pipeline.training.model import META, backbone_name
+from pipeline.training.model_folder import META, backbone_name
 
 SERVER = "pipeline.serving.app"  # what infra validation starts in a fresh process
 

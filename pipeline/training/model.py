@@ -16,7 +16,7 @@ from pipeline.core.files import write_json
 from pipeline.data import arrays
 from pipeline.data.images import interpolation_of
 from pipeline.training import backbones
-from pipeline.training.model_folder import META, WEIGHTS, read_meta
+from pipeline.training.model_folder import META, WEIGHTS, backbone_name, read_meta
 
 
 class Classifier(nn.Module):
@@ -33,11 +33,6 @@ class Classifier(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2).float().div(255.0)
         return self.net((x - self.mean) / self.std) / self.temperature
-
-
-def backbone_name(meta: dict) -> str:
-    # "arch": how model.json named the backbone before timm backbones came (versions already registered)
-    return meta.get("backbone") or meta["arch"]
 
 
 def build(meta: dict, weights: backbones.Weights | None = None) -> Classifier:

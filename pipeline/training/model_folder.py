@@ -16,3 +16,8 @@ MLFLOW_ARTIFACT = "model_dir"
 def read_meta(folder: str | Path) -> dict:
     """Architecture, input shape, classes and normalisation of the model in `folder`."""
     return load_json(Path(folder) / META)
+
+
+def backbone_name(meta: dict) -> str:
+    # "arch": how model.json named the backbone before timm backbones came (versions already registered)
+    return meta.get("backbone") or meta["arch"]

@@ -104,3 +104,21 @@ def test_only_the_cli_imports_flows():
         if not m.startswith(("pipeline.cli", "flows")) and any(d.split(".")[0] == "flows" for d in deps)
     ]
     assert not importers, f"flows imported outside the CLI: {importers}"
+
+
+def test_a_stage_that_runs_no_network_never_loads_torch_or_mlflow_when_it_starts():
+    """Loading torch costs a stage process ~1.7 s and MLflow ~2 s (docs/benchmarks.md): the stages that do
+    not compute with a network load neither at start-up, and load MLflow only when they reach the store.
+    Register on the default runtime copies the model folder; only an ONNX artefact needs torch there."""
+    import subprocess
+    import sys
+
+    child = (
+        "import sys, importlib\n"
+        "importlib.import_module('pipeline.stages.' + sys.argv[1])\n"
+        "print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))\n"
+    )
+    for stage in ("prepare", "validate", "register", "promote"):
+        proc = subprocess.run([sys.executable, "-c", child, stage], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "[]", (stage, proc.stdout)
