@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.registry.versions import pip_requirements
 from tests.support import ROOT
 
@@ -53,3 +55,24 @@ def test_pip_requirements_cover_every_package_the_model_code_imports_when_it_run
         assert any(dist in required for dist in providers[name]), f"{name} is imported but not required"
     for dist, pinned in required.items():
         assert pinned == version(dist), dist  # what this environment tested, exactly
+
+
+def test_distributions_name_what_packages_distributions_reads_for_every_import_of_ours():
+    """codegraph.distributions reads only the distributions that answer; the full reading of every
+    installed file list (importlib.metadata.packages_distributions) must give the same names."""
+    from importlib.metadata import packages_distributions
+
+    from pipeline.core import codegraph
+
+    modules = [
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for folder in codegraph.PACKAGES
+        for p in (ROOT / folder).rglob("*.py")
+    ]
+    names = codegraph.third_party(codegraph.closure(modules))
+    assert {"PIL", "yaml", "sklearn", "mlflow", "torch"} <= names  # renamed ones and a shared namespace
+    known = packages_distributions()
+    expected = {n: n if n in known[n] else known[n][0] for n in names}
+    assert codegraph.distributions(names) == expected
+    with pytest.raises(LookupError, match="no_such_import"):
+        codegraph.distributions({"numpy", "no_such_import"})
