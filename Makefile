@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 
 # Stage commands (`tollgate <stage>` in dvc.yaml) must resolve to this venv.
 export PATH := $(BIN):$(PATH)
-# Offline by default: no telemetry from Prefect, DVC or Great Expectations.
+# Offline by default: no telemetry from Prefect, DVC or Great Expectations (MLflow's: pipeline/registry).
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
