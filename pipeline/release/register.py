@@ -7,11 +7,15 @@ models, and checks with a real request that it predicts as evaluation did (`pipe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from pipeline.core import experiment, failpoints, paths
 from pipeline.core.config import Params
@@ -26,6 +30,7 @@ from pipeline.registry.store import CHALLENGER, Store, model_uri
 from pipeline.release import verify
 from pipeline.release.results import Registration
 from pipeline.release.runtimes import stage as stage_runtimes
+from pipeline.serving import MODEL_URI_FROM_STDIN
 from pipeline.serving.client import Server, free_port
 from pipeline.training import runtimes
 from pipeline.training.model_folder import META, backbone_name
@@ -33,27 +38,49 @@ from pipeline.training.model_folder import META, backbone_name
 SERVER = "pipeline.serving.app"  # what infra validation starts in a fresh process
 
 
-def infra_validate(params: Params, root: Path, location: str) -> str | None:
-    """Serve the packaged candidate at `location` from a fresh process, send it a real request, and compare
-    with evaluation. Returns None when it passes, else the reason."""
-    smoke = verify.from_evaluation(root, params.promote.smoke_images)
+@dataclass(frozen=True)
+class FreshServer:
+    """The process infra validation serves the candidate from, started before the candidate is logged."""
+
+    proc: subprocess.Popen
+    port: int
+    log: IO[str]
+
+
+@contextlib.contextmanager
+def fresh_server(root: Path) -> Iterator[FreshServer]:
+    """A serving process of its own, waiting for the URI of the model to load (`--model-uri -`): its start
+    (torch, the web stack: ~2.5 s) overlaps the candidate's packaging. Stopped on the way out."""
     port = free_port()
-    cmd = [sys.executable, "-m", SERVER, "--model-uri", location, "--port", str(port)]
+    cmd = [sys.executable, "-m", SERVER, "--model-uri", MODEL_URI_FROM_STDIN, "--port", str(port)]
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
-        server = Server(f"http://127.0.0.1:{port}")
+        proc = subprocess.Popen(
+            cmd, cwd=root, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
         try:
-            server.wait_ready(params.promote.start_timeout_s, alive=lambda: proc.poll() is None)
-            verify.predicts_like(verify.scoring(server, params.promote.timeout_s), smoke, "served")
-        except verify.VerificationFailed as err:
-            return str(err)
-        except (OSError, ValueError, TimeoutError) as err:
-            log.seek(0)
-            tail = " | ".join(log.read().strip().splitlines()[-3:])
-            return f"candidate did not serve: {err}" + (f" ({tail})" if tail else "")
+            yield FreshServer(proc, port, log)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+            proc.stdin.close()
+
+
+def infra_validate(params: Params, root: Path, fresh: FreshServer, location: str) -> str | None:
+    """Serve the packaged candidate at `location` from the fresh process, send it a real request, and
+    compare with evaluation. Returns None when it passes, else the reason."""
+    smoke = verify.from_evaluation(root, params.promote.smoke_images)
+    server = Server(f"http://127.0.0.1:{fresh.port}")
+    try:
+        fresh.proc.stdin.write(location + "\n")
+        fresh.proc.stdin.close()
+        server.wait_ready(params.promote.start_timeout_s, alive=lambda: fresh.proc.poll() is None)
+        verify.predicts_like(verify.scoring(server, params.promote.timeout_s), smoke, "served")
+    except verify.VerificationFailed as err:
+        return str(err)
+    except (OSError, ValueError, TimeoutError) as err:
+        fresh.log.seek(0)
+        tail = " | ".join(fresh.log.read().strip().splitlines()[-3:])
+        return f"candidate did not serve: {err}" + (f" ({tail})" if tail else "")
     return None
 
 
@@ -100,14 +127,14 @@ def _new_version(store: Store, params: Params, root: Path, run_id: str) -> tuple
     like evaluation predicted, and a tracking-store failure as it is (the stage fails and can be
     retried)."""
     example = verify.smoke_images(root, load_json(root / paths.MODEL_DIR / META)["input_shape"], 2)
-    with tempfile.TemporaryDirectory() as tmp:
+    with fresh_server(root) as fresh, tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         serves, rows = stage_runtimes(params, root, model_dir)
         try:
             logged = versions.log_candidate(store, run_id, model_dir, example)
         except versions.PackagingError as err:
             raise Rejected(f"infra validation failed: {err}") from None
-    failure = infra_validate(params, root, logged.location)
+        failure = infra_validate(params, root, fresh, logged.location)
     if failure is not None:
         raise Rejected(f"infra validation failed: {failure} (served on {serves})")
     failpoints.reach("register:logged")

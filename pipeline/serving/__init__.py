@@ -7,6 +7,8 @@ the server's address, and `client` is what promotion and infra validation use to
 framework imported).
 """
 
+MODEL_URI_FROM_STDIN = "-"  # --model-uri -: the URI arrives on standard input, once the process has loaded
+
 
 def add_arguments(parser) -> None:
     """The options of `tollgate serve`, also taken by `python -m pipeline.serving.app`."""
@@ -17,5 +19,5 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--model-uri",
         help="serve this one MLflow model (models:/name/version or a logged model's artifact URI) "
-        "instead of following @champion",
+        "instead of following @champion; - reads it from standard input",
     )

@@ -16,6 +16,7 @@ import gc
 import os
 import secrets
 import socket
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse
 
 from pipeline.core.config import Params
 from pipeline.registry.store import CANARY, CHALLENGER, CHAMPION, Reads
+from pipeline.serving import MODEL_URI_FROM_STDIN
 from pipeline.serving.batching import Batcher, ModelSlot, NoModel
 from pipeline.serving.context import ServerContext
 from pipeline.serving.follow import follow, sync_canary
@@ -170,6 +172,17 @@ def _bind(host: str, port: int) -> socket.socket:
         raise SystemExit(f"tollgate serve: cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
+def _uri_from_stdin() -> str:
+    """Registration starts this process before the candidate it validates is logged: the imports a model
+    load needs (torch, ~1.5 s) run while it packages, then the URI arrives on a line of its own."""
+    import pipeline.training.model  # noqa: F401 - imported now, not after the URI arrives
+
+    uri = sys.stdin.readline().strip()
+    if not uri:
+        raise SystemExit("tollgate serve: --model-uri - and no URI on standard input")
+    return uri
+
+
 def _load_first(slot: ModelSlot, url: str) -> None:
     try:
         served = slot.reload()
@@ -202,6 +215,8 @@ def serve(
     from pipeline.serving import state
     from pipeline.serving.transport import timed_protocol
 
+    if model_uri == MODEL_URI_FROM_STDIN:
+        model_uri = _uri_from_stdin()
     cfg = params.serve
     reads = reader(params, root)
     slot = ModelSlot(reads, params.registry.model_name, model_uri, runtime=cfg.runtime, threads=cfg.threads)

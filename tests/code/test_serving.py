@@ -335,3 +335,15 @@ def test_smoke_requests_of_photos_stay_under_the_servers_body_limit():
     assert all(size(p) <= limit for p in parts)
     np.testing.assert_array_equal(np.concatenate(parts), x)
     assert len(request_batches(np.zeros((16, 8, 8, 1), np.uint8))) == 1  # digits: one request, as before
+
+
+def test_a_server_told_to_read_its_model_uri_from_stdin_stops_at_end_of_input_saying_so():
+    """Infra validation starts the server before the candidate is logged (`--model-uri -`); if the URI never
+    comes (registration failed, or died), the process ends by itself, naming why, instead of waiting."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pipeline.serving.app", "--model-uri", "-", "--port", "0"]
+    proc = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "--model-uri - and no URI on standard input" in proc.stderr
