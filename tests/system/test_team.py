@@ -302,8 +302,9 @@ def test_a_worker_in_an_empty_directory_runs_the_team_deployment_to_a_new_champi
         assert clone["repository"] == str(origin["bare"])  # resolved at deploy time
     finally:
         # Once it has run this flow, Prefect's process worker never ends the shutdown its SIGTERM starts
-        # (its event loop idles on, no child left: 180 s every time, until stop_process's SIGKILL). The run
-        # is over and checked by now, so a kill loses nothing; 30 s still covers a clean exit under load.
+        # (its event loop idles on, no child left): stop_process sat out its whole 180 s grace both times
+        # it was measured. The run is over and checked by now, so a kill loses nothing; 30 s still covers
+        # a clean exit under load.
         stop_process(worker, grace=30)
         log.close()
 
