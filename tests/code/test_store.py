@@ -32,7 +32,6 @@ def test_connecting_leaves_the_environment_as_the_user_set_it(tmp_path, monkeypa
     assert os.environ["MLFLOW_TRACKING_URI"] == shared
 
 
-
 # MLflow's own reading of its switch, the one is_telemetry_disabled() consults first (its other signals,
 # CI and test markers, differ between machines and would decide the answer for it here).
 TELEMETRY = (
